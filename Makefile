@@ -1,0 +1,29 @@
+# Two commands on a fresh machine (each installs what it needs into .venv):
+#   make demo   - the main job (arrives with the demo issue; until then it says so)
+#   make test   - the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+# torch is installed before the package (PyTorch-extension convention: the build uses it).
+TORCH_SPEC ?= torch==2.14.1
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip "setuptools>=64" wheel ninja
+	$(VPY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(VPY) -m pip install --quiet --no-build-isolation -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+demo: $(STAMP)
+	@echo "make demo: the demo (issue 6) has not landed yet; see README.md"
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,24 @@
+"""d2sm_ext: fast, exact D2SM (Deep Semantic Statistics Matching, ECCV 2022) loss for PyTorch."""
+from .backends import available_backends, register_backend, unavailable_backends
+from .extractors import build_extractor
+from .functional import d2sm_divergence
+from .patches import extract_patches, patch_grid
+from .queue import FeatureQueue
+from .reference import DIVERGENCES, REDUCTIONS, d2sm_reference
+
+
+def _reference_supports(device_type, dtype):
+    return None  # any device, any floating dtype
+
+
+register_backend("reference", d2sm_reference, _reference_supports, priority=0,
+                 description="pure PyTorch with autograd, any device and dtype (the ground truth)")
+
+from .loss import D2SMLoss  # noqa: E402  (uses the registry above)
+
+__all__ = [
+    "d2sm_divergence", "d2sm_reference", "FeatureQueue", "D2SMLoss", "extract_patches", "patch_grid",
+    "build_extractor", "available_backends", "unavailable_backends", "register_backend",
+    "DIVERGENCES", "REDUCTIONS",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,152 @@
+"""Public functional API: ``d2sm_divergence`` validates its inputs once and dispatches to a backend.
+
+The math (DESIGN §2): with x̂ = x/‖x‖ (zero rows stay zero), K'_ij = max((1 + x̂_i·x̂_j)/2, 0) + eps,
+K likewise from y, neighbour distributions P'_ij = K'_ij / Σ_{j∈S_i} K'_ij and P_ij from K, where
+S_i = all j ≠ i (``exclude_self=True``, the paper) or all j. Per row i:
+
+* ``kl``           Σ_j P' log(P'/P)                       (paper Eq. 2, default)
+* ``reverse_kl``   Σ_j P log(P/P')                        (paper Table 4 "iKLD")
+* ``symmetric_kl`` ½ kl + ½ reverse_kl                    (paper Eq. 10)
+* ``js``           ½ Σ P' log(P'/m) + ½ Σ P log(P/m), m = (P' + P)/2
+
+Relation to the public code's scale: it averages Σ P log(P/P') over all M² entries with the
+diagonal included, i.e. ``d2sm_divergence(x, y, "reverse_kl", exclude_self=False) / M``. Our
+``mean`` is per row, so values are M times larger than the public code's for the same set.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .backends import resolve_backend
+from .reference import DIVERGENCES, REDUCTIONS
+
+PRECISIONS = ("auto", "ieee", "tf32")
+
+
+def _check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{name} must have a real floating dtype (float16, bfloat16, float32, float64), got {t.dtype}"
+        )
+    return t
+
+
+def validate_inputs(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    divergence: str,
+    exclude_self: bool,
+    reduction: str,
+    eps: float,
+    x_memory: Optional[torch.Tensor],
+    y_memory: Optional[torch.Tensor],
+    precision: str = "auto",
+) -> None:
+    """Raise TypeError/ValueError naming what was expected and what was given."""
+    _check_tensor("x", x)
+    _check_tensor("y", y)
+    if x.ndim not in (2, 3):
+        raise ValueError(f"x must be (M, d) or (B, M, d), got a {x.ndim}-d tensor of shape {tuple(x.shape)}")
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got x {tuple(x.shape)} and y {tuple(y.shape)}")
+    if x.dtype != y.dtype:
+        raise TypeError(f"x and y must have the same dtype, got x {x.dtype} and y {y.dtype}")
+    if x.device != y.device:
+        raise ValueError(f"x and y must be on the same device, got x on {x.device} and y on {y.device}")
+    if x.shape[-1] < 1:
+        raise ValueError(f"feature dimension d must be >= 1, got shape {tuple(x.shape)}")
+    if x.ndim == 3 and x.shape[0] < 1:
+        raise ValueError(f"batch of problems B must be >= 1, got shape {tuple(x.shape)}")
+
+    if (x_memory is None) != (y_memory is None):
+        raise ValueError("x_memory and y_memory must be given together (both None or both tensors)")
+    n_memory = 0
+    if x_memory is not None:
+        _check_tensor("x_memory", x_memory)
+        _check_tensor("y_memory", y_memory)
+        if x_memory.shape != y_memory.shape:
+            raise ValueError(
+                f"x_memory and y_memory must have the same shape, got {tuple(x_memory.shape)} and "
+                f"{tuple(y_memory.shape)}"
+            )
+        expected = "(Q, d)" if x.ndim == 2 else "(B, Q, d)"
+        if (
+            x_memory.ndim != x.ndim
+            or x_memory.shape[-1] != x.shape[-1]
+            or (x.ndim == 3 and x_memory.shape[0] != x.shape[0])
+        ):
+            raise ValueError(
+                f"memory rows must be {expected} matching x {tuple(x.shape)}, got {tuple(x_memory.shape)}"
+            )
+        for name, mem in (("x_memory", x_memory), ("y_memory", y_memory)):
+            if mem.dtype != x.dtype:
+                raise TypeError(f"{name} must have x's dtype {x.dtype}, got {mem.dtype}")
+            if mem.device != x.device:
+                raise ValueError(f"{name} must be on x's device {x.device}, got {mem.device}")
+        n_memory = x_memory.shape[-2]
+
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not isinstance(exclude_self, bool):
+        raise TypeError(f"exclude_self must be a bool, got {type(exclude_self).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+    m_total = x.shape[-2] + n_memory
+    needed = 2 if exclude_self else 1
+    if m_total < needed:
+        raise ValueError(
+            f"the sample set has {m_total} row(s) (live {x.shape[-2]} + memory {n_memory}); "
+            f"exclude_self={exclude_self} needs at least {needed} so that every row has a neighbour"
+        )
+
+
+def d2sm_divergence(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    divergence: str = "kl",
+    exclude_self: bool = True,
+    reduction: str = "mean",
+    eps: float = 1e-8,
+    backend: str = "auto",
+    x_memory: Optional[torch.Tensor] = None,
+    y_memory: Optional[torch.Tensor] = None,
+    precision: str = "auto",
+) -> torch.Tensor:
+    """D2SM divergence between restored features ``x`` and clean features ``y``.
+
+    Args:
+        x, y: (M, d) or (B, M, d) features; row i of x and row i of y describe the same sample.
+            A 3-d input is a batch of B independent problems.
+        divergence: "kl" (default, paper Eq. 2), "reverse_kl", "symmetric_kl" or "js".
+        exclude_self: leave j = i out of row i's neighbour distribution (paper; default).
+        reduction: "mean" over rows (and problems), "sum", or "none" (shape (M,) or (B, M)).
+        eps: kernel floor added to every kernel value (default 1e-8; keeps logs finite when two
+            rows are antipodal). eps = 0 is allowed; a divergence can then be +inf.
+        backend: "auto" (fastest usable for the tensors' device and dtype), "reference", or any
+            name from ``d2sm_ext.available_backends()``.
+        x_memory, y_memory: optional history rows (Q, d) or (B, Q, d). The sample set is the rows
+            of x followed by the memory rows; every row's divergence counts (M = N + Q rows), and
+            gradients reach only x and y, never the memory.
+        precision: matmul precision of fused backends for float32 inputs: "ieee" (full fp32),
+            "tf32", or "auto" (tf32 exactly when ``torch.get_float32_matmul_precision()`` is not
+            "highest", i.e. when PyTorch's own float32 matmuls may use it). The reference ignores it.
+
+    Returns:
+        A scalar for "mean"/"sum", per-row values for "none"; in the input dtype.
+    """
+    validate_inputs(x, y, divergence, exclude_self, reduction, eps, x_memory, y_memory, precision)
+    impl = resolve_backend(backend, x.device.type, x.dtype)
+    return impl.fn(
+        x, y, divergence=divergence, exclude_self=exclude_self, reduction=reduction, eps=float(eps),
+        x_memory=x_memory, y_memory=y_memory, precision=precision,
+    )

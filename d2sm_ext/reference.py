@@ -1,0 +1,123 @@
+"""Pure-PyTorch reference of the D2SM divergence (DESIGN §2): the ground truth every backend is
+tested against.
+
+It materialises the M×M kernel matrices on purpose: it is written to be obviously the formula,
+not to be fast. Autograd provides the gradients.
+
+Conventions (shared by every backend, see ``d2sm_ext.functional`` for the public contract):
+
+* ``x̂ = x / ‖x‖``; a row whose norm is exactly zero stays zero (its cosines are 0) and receives
+  a zero gradient (a zero vector has no direction; we do not return the 1/tiny blow-up that
+  ``x / max(‖x‖, tiny)`` would give).
+* ``K'_ij = max((1 + x̂_i·x̂_j) / 2, 0) + eps``. The clamp only removes rounding below zero for
+  antipodal rows, so the kernel is never negative and ``log K'`` is finite whenever eps > 0.
+* Terms with a zero probability contribute zero (``0·log 0 = 0``), so eps = 0 is allowed; a
+  divergence can then be +inf, which is the true value.
+* float16/bfloat16 inputs are computed in float32 and the result is returned in the input dtype;
+  float32 and float64 are computed natively.
+"""
+from __future__ import annotations
+
+import torch
+
+DIVERGENCES = ("kl", "reverse_kl", "symmetric_kl", "js")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a backend computes in for inputs of ``dtype`` (half types are upcast)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def normalize_rows(v: torch.Tensor) -> torch.Tensor:
+    """``v / ‖v‖`` per row; zero rows stay zero with a zero gradient (no NaN, no 1/tiny)."""
+    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    nonzero = norm > 0
+    # Two wheres keep the untaken 1/0 branch out of autograd (no 0·inf = NaN in the gradient).
+    safe = torch.where(nonzero, norm, torch.ones_like(norm))
+    return v * torch.where(nonzero, 1.0 / safe, torch.zeros_like(norm))
+
+
+def _kernel_matrix(v: torch.Tensor, eps: float) -> torch.Tensor:
+    vn = normalize_rows(v)
+    gram = vn @ vn.transpose(-1, -2)
+    return torch.clamp(0.5 + 0.5 * gram, min=0.0) + eps
+
+
+def _safe_log(t: torch.Tensor) -> torch.Tensor:
+    """``log t`` where ``t > 0`` and 0 elsewhere, with no -inf/NaN reaching autograd."""
+    return torch.log(torch.where(t > 0, t, torch.ones_like(t)))
+
+
+def _plogp_ratio(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``p·log(p/q)`` with ``0·log(0/q) = 0`` and ``p·log(p/0) = +inf`` for p > 0.
+
+    Excluded (diagonal) entries have p = q = 0 and contribute 0 with a zero gradient;
+    ``torch.xlogy`` would give 0/0 = NaN in its backward there.
+    """
+    value = p * (_safe_log(p) - _safe_log(q))
+    infinite = (p > 0) & (q == 0)
+    return torch.where(infinite, torch.full_like(value, float("inf")), value)
+
+
+def _row_divergence(p: torch.Tensor, q: torch.Tensor, divergence: str) -> torch.Tensor:
+    """Per-row divergence between the neighbour distributions ``p`` (restored) and ``q`` (clean);
+    excluded entries are zero in both and contribute nothing."""
+    if divergence == "kl":
+        terms = _plogp_ratio(p, q)
+    elif divergence == "reverse_kl":
+        terms = _plogp_ratio(q, p)
+    elif divergence == "symmetric_kl":
+        terms = 0.5 * _plogp_ratio(p, q) + 0.5 * _plogp_ratio(q, p)
+    elif divergence == "js":
+        m = 0.5 * (p + q)
+        terms = 0.5 * _plogp_ratio(p, m) + 0.5 * _plogp_ratio(q, m)
+    else:  # validated by the caller; kept so a new name cannot fall through silently
+        raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+    return terms.sum(dim=-1)
+
+
+def d2sm_reference(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    divergence: str = "kl",
+    exclude_self: bool = True,
+    reduction: str = "mean",
+    eps: float = 1e-8,
+    x_memory: torch.Tensor | None = None,
+    y_memory: torch.Tensor | None = None,
+    precision: str = "auto",
+) -> torch.Tensor:
+    """D2SM divergence of restored features ``x`` against clean features ``y``.
+
+    Shapes: ``x, y`` are (M, d) or (B, M, d); ``x_memory, y_memory`` (Q, d) or (B, Q, d) with the
+    same leading shape. The sample set is the live rows followed by the memory rows; every row's
+    divergence counts, gradients reach only ``x`` and ``y`` (memory rows are detached).
+    Inputs are assumed validated (``d2sm_ext.functional`` does that). ``precision`` is accepted
+    for a uniform backend signature and ignored: matmuls follow PyTorch's global float32 setting.
+    """
+    out_dtype = x.dtype
+    cdt = compute_dtype(x.dtype)
+    xs, ys = x.to(cdt), y.to(cdt)
+    if x_memory is not None:
+        xs = torch.cat([xs, x_memory.detach().to(cdt)], dim=-2)
+        ys = torch.cat([ys, y_memory.detach().to(cdt)], dim=-2)
+
+    kx = _kernel_matrix(xs, eps)
+    ky = _kernel_matrix(ys, eps)
+    if exclude_self:
+        m = xs.shape[-2]
+        off_diag = ~torch.eye(m, dtype=torch.bool, device=xs.device)
+        kx = kx * off_diag
+        ky = ky * off_diag
+    p = kx / kx.sum(dim=-1, keepdim=True)
+    q = ky / ky.sum(dim=-1, keepdim=True)
+    rows = _row_divergence(p, q, divergence)
+
+    if reduction == "mean":
+        out = rows.mean()
+    elif reduction == "sum":
+        out = rows.sum()
+    else:
+        out = rows
+    return out.to(out_dtype)
