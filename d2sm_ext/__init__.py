@@ -14,6 +14,17 @@ def _reference_supports(device_type, dtype):
 register_backend("reference", d2sm_reference, _reference_supports, priority=0,
                  description="pure PyTorch with autograd, any device and dtype (the ground truth)")
 
+try:
+    from . import triton_backend as _triton_backend
+except Exception as exc:  # Triton missing or broken: the rest of the package still works
+    from .backends import mark_unavailable
+
+    mark_unavailable("triton", f"cannot import Triton: {type(exc).__name__}: {exc}")
+else:
+    register_backend("triton", _triton_backend.d2sm_triton, _triton_backend.supports, priority=10,
+                     description="fused Triton kernels, O(M) extra memory (CUDA; CPU only under "
+                                 "TRITON_INTERPRET=1)", auto_device_types=("cuda",))
+
 from .loss import D2SMLoss  # noqa: E402  (uses the registry above)
 
 __all__ = [

@@ -22,6 +22,9 @@ class Backend:
     supports: Callable[[str, torch.dtype], Reason]
     priority: int
     description: str
+    # Device types on which "auto" may pick this backend (None: any it supports). A backend can be
+    # usable on a device by explicit request but too slow to be chosen there automatically.
+    auto_device_types: Optional[tuple[str, ...]] = None
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -35,8 +38,9 @@ def register_backend(
     supports: Callable[[str, torch.dtype], Reason],
     priority: int,
     description: str,
+    auto_device_types: Optional[tuple[str, ...]] = None,
 ) -> None:
-    _REGISTRY[name] = Backend(name, fn, supports, priority, description)
+    _REGISTRY[name] = Backend(name, fn, supports, priority, description, auto_device_types)
     _UNAVAILABLE.pop(name, None)
 
 
@@ -70,7 +74,8 @@ def resolve_backend(name: str, device_type: str, dtype: torch.dtype) -> Backend:
         raise TypeError(f"backend must be a string, got {type(name).__name__}; {_describe_choices()}")
     if name == "auto":
         for backend in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
-            if backend.supports(device_type, dtype) is None:
+            auto_ok = backend.auto_device_types is None or device_type in backend.auto_device_types
+            if auto_ok and backend.supports(device_type, dtype) is None:
                 return backend
         raise ValueError(
             f"no backend supports {dtype} tensors on device type '{device_type}'; {_describe_choices()}"

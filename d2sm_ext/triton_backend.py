@@ -1,0 +1,367 @@
+"""Fused Triton backend: one streamed pass gives the per-row divergences and, for "mean"/"sum",
+the gradient; never an M×M (or N×M) matrix in memory.
+
+Scheme (DESIGN §2 facts 1–5):
+
+1. O(M·d) pre-pass: inverse norms r_i, s = Σ_j x̂_j, and the closed-form normalisers
+   A_i = |S_i|(½ + ε) + ½(x̂_i·s − [exclude_self]·‖x̂_i‖²) (B_i likewise from y).
+2. One pairwise pass (``triton_kernels.pair_kernel``): each program owns BM rows and streams all
+   M columns in BN-blocks; per tile it forms both Gram tiles (x and y) over d in BK-chunks,
+   the kernel values, and accumulates per row F_i = Σ_j f(p_ij, q_ij), ū_i = Σ_j p_ij u_ij and
+   v̄_i = Σ_j q_ij v_ij. For live row blocks that need a gradient it also forms
+   W_ij = α_i u_ij + α_j u_ji (α = w/A, u = ∂f/∂p; likewise for y) and adds W·r_J·X_J into the
+   gradient rows it owns, streamed over d. w (the upstream weight of each row) is known before
+   the pass for "mean"/"sum" (a constant; the backward only scales by grad_output, as in
+   Liger-Kernel) — for "none" it is grad_output itself, so the same kernel runs again in the
+   backward with COMPUTE_STATS off.
+3. O(M·d) finish: ∂L/∂x̂_k = ½ G_k − ½ α_k ū_k (s − [excl]x̂_k) − ½ (t − [excl] α_k ū_k x̂_k) with
+   t = Σ_j α_j ū_j x̂_j, then through the normalisation: ∂L/∂x_k = r_k (g_k − x̂_k (x̂_k·g_k)).
+
+Derivation of step 2's weights: with p_ij = a_ij/A_i, the total derivative of a row function
+F(p_i·) through both a_ij and A_i = Σ_j a_ij is ∂F/∂a_ij = (u_ij − ū_i)/A_i, u = ∂F/∂p. Since
+a_ij = a_ji depends on x̂_i and x̂_j, ∂L/∂x̂_k = ½ Σ_{j∈S_k} (E_kj + E_jk) x̂_j with E_ij = w_i ∂F_i/∂a_ij;
+the ū parts factor into step 3's O(M·d) terms.
+
+Cost per call (M = N + Q rows, N live, d features; FLOPs of the matmul-shaped work):
+forward statistics 4·M²·d (two Gram matrices, each tile computed by its row owner: the symmetric
+half is not reused, because reusing it would need cross-program reductions of the row
+statistics and of d-wide gradient rows, i.e. atomics or O(M/BM·M·d) scratch); gradient
+2·N·M·d for x and 2·N·M·d for y when y requires grad (fused into the same pass: no Gram
+recomputation). Reduction "none" recomputes the Gram tiles of the live rows in its backward:
++4·N·M·d. Bytes: inputs re-read once per row block from L2/HBM (M/BM passes over the
+M×d inputs), plus one read-modify-write of the BM×d gradient rows per column block
+(M/BN passes over N×d fp32). Extra memory: O(M) fp32 row statistics and the (N, d) fp32
+gradient buffers.
+
+Precision: row statistics and all accumulations are fp32. float32 inputs use IEEE fp32 dots or
+TF32 tensor-core dots (``precision``: "ieee", "tf32", or "auto" = follow
+``torch.get_float32_matmul_precision()``); float16/bfloat16 inputs use fp16/bf16 tensor-core
+dots with fp32 accumulation, and the gradient weights W are rounded to the input dtype for the
+gradient product. Results are deterministic: every output element is written by one program,
+with a fixed loop order, no atomics.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from . import triton_kernels as K
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (problems of a batch)
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _config(device: torch.device) -> dict:
+    """Tile sizes. Override with D2SM_TRITON_CONFIG="BM,BN,BK,num_warps,num_stages" (tuning)."""
+    env = os.environ.get("D2SM_TRITON_CONFIG")
+    if env:
+        bm, bn, bk, warps, stages = (int(v) for v in env.split(","))
+        return dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    if device.type == "cpu":  # interpreter: fewer, larger numpy ops are faster
+        return dict(BM=64, BN=64, BK=128, num_warps=1, num_stages=1)
+    return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=2)
+
+
+def _as3d(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else (t.unsqueeze(0) if t.ndim == 2 else t)
+
+
+def _segments(live: torch.Tensor, memory: Optional[torch.Tensor]):
+    """(tensor, row offset in the sample set) for the live rows and, if any, the memory rows."""
+    segs = [(live, 0)]
+    if memory is not None and memory.shape[1] > 0:
+        segs.append((memory, live.shape[1]))
+    return segs
+
+
+def _launch_rowwise(kernel, segs, out, extra_args, bm=32, bd=128):
+    for t, offset in segs:
+        if t.shape[1] == 0:
+            continue
+        grid = (triton_cdiv(t.shape[1], bm), t.shape[0])
+        kernel[grid](t, t.stride(0), t.stride(1), t.stride(2), t.shape[1], t.shape[2], *extra_args(t),
+                     out, out.stride(0), offset, BM=bm, BD=bd)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _inv_norms(segs, bsz: int, m: int, device) -> torch.Tensor:
+    out = torch.empty(bsz, m, dtype=torch.float32, device=device)
+    _launch_rowwise(K.row_inv_norm_kernel, segs, out, lambda t: ())
+    return out
+
+
+def _colsum(segs, weights: torch.Tensor, d: int) -> torch.Tensor:
+    """Σ_i weights[b, i] · row_i over both segments, (B, d) fp32, deterministic order."""
+    bsz = weights.shape[0]
+    out = torch.zeros(bsz, d, dtype=torch.float32, device=weights.device)
+    first = True
+    for t, offset in segs:
+        if t.shape[1] == 0:
+            continue
+        bd = 128
+        grid = (triton_cdiv(d, bd), bsz)
+        K.weighted_colsum_kernel[grid](t, t.stride(0), t.stride(1), t.stride(2), t.shape[1], d,
+                                       weights, weights.stride(0), offset, out,
+                                       ACCUMULATE=not first, BM=32, BD=bd)
+        first = False
+    return out
+
+
+def _row_dots(segs, vec: torch.Tensor, bsz: int, m: int) -> torch.Tensor:
+    out = torch.empty(bsz, m, dtype=torch.float32, device=vec.device)
+    _launch_rowwise(K.row_dot_kernel, segs, out, lambda t: (vec,))
+    return out
+
+
+def _normalisers(segs, inv_norm: torch.Tensor, exclude_self: bool, eps: float):
+    """Closed-form A_i (DESIGN §2 fact 1) and s = Σ_j x̂_j."""
+    bsz, m = inv_norm.shape
+    d = segs[0][0].shape[2]
+    s = _colsum(segs, inv_norm, d)
+    xs = _row_dots(segs, s, bsz, m) * inv_norm  # x̂_i · s
+    n_neigh = m - 1 if exclude_self else m
+    half_sum = 0.5 * n_neigh + 0.5 * xs  # Σ_j (1 + x̂_i·x̂_j)/2 over S_i
+    if exclude_self:
+        half_sum = half_sum - 0.5 * (inv_norm > 0).to(half_sum.dtype)  # ‖x̂_i‖² is 1, or 0 for a zero row
+    # eps is added last: when every neighbour is antipodal the first part cancels to ~0, and
+    # 0.5·n + n·eps would round eps away in fp32 (then A = 0 and p = a/A blows up).
+    return torch.clamp(half_sum, min=0.0) + n_neigh * eps, s
+
+
+def _precision(dtype: torch.dtype, tf32: bool) -> str:
+    if dtype != torch.float32:
+        return "native"
+    return "tf32" if tf32 else "ieee"
+
+
+def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
+               compute_stats: bool, gx: Optional[torch.Tensor], gy: Optional[torch.Tensor]):
+    """Launch the pairwise kernel. Returns (F, Σpu, Σqv) when compute_stats, else None."""
+    bsz, n, d = x.shape
+    q = 0 if xm is None else xm.shape[1]
+    m = n + q
+    if bsz > _MAX_GRID_Y:
+        raise ValueError(f"the triton backend handles at most {_MAX_GRID_Y} problems per call, got B={bsz}; "
+                         f"split the batch")
+    cfg = _config(x.device)
+    xm_, ym_ = (x, y) if xm is None else (xm, ym)  # Q = 0: the memory pointers are never read
+    stats = torch.empty(3, bsz, m, dtype=torch.float32, device=x.device) if compute_stats else rx.new_empty(3, 1, 1)
+    dummy = rx.new_empty(1)
+    n_blocks = triton_cdiv(n, cfg["BM"]) + (triton_cdiv(q, cfg["BM"]) if compute_stats else 0)
+    if n_blocks == 0:
+        return stats if compute_stats else None
+    K.pair_kernel[(n_blocks, bsz)](
+        x, y, xm_, ym_,
+        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+        xm_.stride(0), xm_.stride(1), xm_.stride(2), ym_.stride(0), ym_.stride(1), ym_.stride(2),
+        n, q, d, rx, ry, a, bn, w, stats[0], stats[1], stats[2],
+        gx if gx is not None else dummy, gy if gy is not None else dummy, eps,
+        DIV=K.DIVERGENCE_CODES[div], EXCL=exclude_self, COMPUTE_STATS=compute_stats,
+        COMPUTE_GX=gx is not None, COMPUTE_GY=gy is not None,
+        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], PRECISION=_precision(x.dtype, tf32),
+        UPCAST=interpreter_active() and x.dtype == torch.bfloat16,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return stats if compute_stats else None
+
+
+def _finish_grad(pairwise, live, segs, inv_norm, norm, weights, bar, s, exclude_self):
+    """Step 3: add the O(M·d) terms and back-propagate through the row normalisation."""
+    n = live.shape[1]
+    coef = weights / norm * bar                  # α_j ū_j for every row j (B, M)
+    t = _colsum(segs, coef * inv_norm, live.shape[2])  # Σ_j α_j ū_j x̂_j
+    r = inv_norm[:, :n, None]
+    xh = live.float() * r
+    c = coef[:, :n, None]
+    g = 0.5 * pairwise - 0.5 * c * s[:, None, :] - 0.5 * t[:, None, :]
+    if exclude_self:
+        g = g + c * xh
+    return r * (g - xh * (xh * g).sum(-1, keepdim=True))
+
+
+def _row_statistics(x, y, xm, ym, exclude_self, eps):
+    bsz, n, _ = x.shape
+    m = n + (0 if xm is None else xm.shape[1])
+    xsegs, ysegs = _segments(x, xm), _segments(y, ym)
+    rx = _inv_norms(xsegs, bsz, m, x.device)
+    ry = _inv_norms(ysegs, bsz, m, x.device)
+    a, sx = _normalisers(xsegs, rx, exclude_self, eps)
+    bn, sy = _normalisers(ysegs, ry, exclude_self, eps)
+    return xsegs, ysegs, rx, ry, a, bn, sx, sy
+
+
+def _grads(x, y, xm, ym, div, exclude_self, eps, tf32, weights, need_gx, need_gy, stats_needed, row_stats,
+           saved_bars=None):
+    """Run the pass (with stats if asked) and finish the gradients. Returns (stats, gx, gy)."""
+    xsegs, ysegs, rx, ry, a, bn, sx, sy = row_stats
+    gx = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_gx else None
+    gy = torch.zeros(y.shape, dtype=torch.float32, device=y.device) if need_gy else None
+    stats = _pair_pass(x, y, xm, ym, rx, ry, a, bn, weights, div, exclude_self, eps, tf32, stats_needed, gx, gy)
+    pu, qv = (stats[1], stats[2]) if stats_needed else saved_bars
+    if need_gx:
+        gx = _finish_grad(gx, x, xsegs, rx, a, weights, pu, sx, exclude_self)
+    if need_gy:
+        gy = _finish_grad(gy, y, ysegs, ry, bn, weights, qv, sy, exclude_self)
+    return stats, gx, gy
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops (torch.library): opaque to torch.compile, with fake shapes and autograd.
+# ----------------------------------------------------------------------------------------------
+_EMPTY = (0,)
+
+
+def _grad_or_empty(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """A custom op's outputs may not alias each other: a fresh empty tensor for "not computed"."""
+    if grad is None:
+        return like.new_empty(_EMPTY, dtype=torch.float32)
+    return grad.reshape(like.shape)
+
+
+@torch.library.custom_op("d2sm_ext::triton_d2sm", mutates_args=())
+def triton_d2sm(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[torch.Tensor],
+                y_memory: Optional[torch.Tensor], divergence: str, exclude_self: bool, eps: float,
+                tf32: bool, reduction: str, need_gx: bool, need_gy: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (value, saved row statistics (6, B, M) fp32, ∂value/∂x, ∂value/∂y).
+
+    For "mean"/"sum" the gradients (fp32, shaped like x and y; empty unless need_g*) are computed
+    in the forward pass; for "none" they are empty and the backward op computes them.
+    """
+    x3, y3, xm3, ym3 = _as3d(x), _as3d(y), _as3d(x_memory), _as3d(y_memory)
+    bsz, n, _ = x3.shape
+    m = n + (0 if xm3 is None else xm3.shape[1])
+    row_stats = _row_statistics(x3, y3, xm3, ym3, exclude_self, eps)
+    fused = reduction != "none" and (need_gx or need_gy)
+    scale = 1.0 / (bsz * m) if reduction == "mean" else 1.0
+    weights = torch.full((bsz, m), scale, dtype=torch.float32, device=x.device)
+    stats, gx, gy = _grads(x3, y3, xm3, ym3, divergence, exclude_self, eps, tf32, weights,
+                           need_gx and fused, need_gy and fused, True, row_stats)
+    rows = stats[0]
+    if reduction == "mean":
+        value = rows.mean()
+    elif reduction == "sum":
+        value = rows.sum()
+    else:
+        value = rows if x.ndim == 3 else rows[0]
+    _, _, rx, ry, a, bn, _, _ = row_stats
+    saved = torch.stack([rx, ry, a, bn, stats[1], stats[2]])
+    gx = _grad_or_empty(gx, x)
+    gy = _grad_or_empty(gy, y)
+    return value.to(x.dtype), saved, gx, gy
+
+
+@triton_d2sm.register_fake
+def _(x, y, x_memory, y_memory, divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy):
+    bsz = x.shape[0] if x.ndim == 3 else 1
+    m = x.shape[-2] + (0 if x_memory is None else x_memory.shape[-2])
+    if reduction == "none":
+        value = x.new_empty((bsz, m) if x.ndim == 3 else (m,))
+    else:
+        value = x.new_empty(())
+    fused = reduction != "none"
+    gx = x.new_empty(x.shape if (need_gx and fused) else _EMPTY, dtype=torch.float32)
+    gy = y.new_empty(y.shape if (need_gy and fused) else _EMPTY, dtype=torch.float32)
+    return value, x.new_empty((6, bsz, m), dtype=torch.float32), gx, gy
+
+
+@torch.library.custom_op("d2sm_ext::triton_d2sm_backward", mutates_args=())
+def triton_d2sm_backward(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[torch.Tensor],
+                         y_memory: Optional[torch.Tensor], saved: torch.Tensor, grad_rows: torch.Tensor,
+                         divergence: str, exclude_self: bool, eps: float, tf32: bool,
+                         need_gx: bool, need_gy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients for reduction "none": row weights w = grad_rows (B, M); recomputes the tiles."""
+    x3, y3, xm3, ym3 = _as3d(x), _as3d(y), _as3d(x_memory), _as3d(y_memory)
+    rx, ry, a, bn, pu, qv = saved.unbind(0)
+    xsegs, ysegs = _segments(x3, xm3), _segments(y3, ym3)
+    sx = _colsum(xsegs, rx, x3.shape[2])
+    sy = _colsum(ysegs, ry, y3.shape[2])
+    weights = grad_rows.reshape(rx.shape).to(torch.float32).contiguous()
+    _, gx, gy = _grads(x3, y3, xm3, ym3, divergence, exclude_self, eps, tf32, weights, need_gx, need_gy,
+                       False, (xsegs, ysegs, rx, ry, a, bn, sx, sy), saved_bars=(pu, qv))
+    return _grad_or_empty(gx, x), _grad_or_empty(gy, y)
+
+
+@triton_d2sm_backward.register_fake
+def _(x, y, x_memory, y_memory, saved, grad_rows, divergence, exclude_self, eps, tf32, need_gx, need_gy):
+    return (x.new_empty(x.shape if need_gx else _EMPTY, dtype=torch.float32),
+            y.new_empty(y.shape if need_gy else _EMPTY, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, x_memory, y_memory, divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy = inputs
+    _, saved, gx, gy = output
+    ctx.options = (divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy)
+    if reduction == "none":
+        ctx.save_for_backward(x, y, x_memory, y_memory, saved)
+    else:
+        ctx.save_for_backward(gx, gy)
+
+
+def _backward(ctx, grad_value, _grad_saved, _grad_gx, _grad_gy):
+    divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy = ctx.options
+    need_x = need_gx and ctx.needs_input_grad[0]
+    need_y = need_gy and ctx.needs_input_grad[1]
+    if reduction == "none":
+        x, y, x_memory, y_memory, saved = ctx.saved_tensors
+        gx, gy = torch.ops.d2sm_ext.triton_d2sm_backward(
+            x, y, x_memory, y_memory, saved, grad_value, divergence, exclude_self, eps, tf32, need_x, need_y)
+        dx = gx.to(x.dtype) if need_x else None
+        dy = gy.to(y.dtype) if need_y else None
+    else:
+        gx, gy = ctx.saved_tensors
+        scale = grad_value.to(torch.float32)
+        dx = (gx * scale).to(grad_value.dtype) if need_x else None
+        dy = (gy * scale).to(grad_value.dtype) if need_y else None
+    return dx, dy, None, None, None, None, None, None, None, None, None
+
+
+triton_d2sm.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend entry point
+# ----------------------------------------------------------------------------------------------
+@torch.compiler.assume_constant_result  # a global setting read once at trace time (Dynamo can't call it)
+def _torch_allows_tf32() -> bool:
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def use_tf32(precision: str) -> bool:
+    if precision == "auto":
+        return _torch_allows_tf32()
+    return precision == "tf32"
+
+
+def d2sm_triton(x, y, divergence="kl", exclude_self=True, reduction="mean", eps=1e-8,
+                x_memory=None, y_memory=None, precision="auto"):
+    """Same contract as ``d2sm_reference`` (inputs validated by ``d2sm_divergence``)."""
+    grad_on = torch.is_grad_enabled()
+    need_gx = grad_on and x.requires_grad
+    need_gy = grad_on and y.requires_grad
+    if x_memory is not None:
+        x_memory, y_memory = x_memory.detach(), y_memory.detach()
+    value, _, _, _ = torch.ops.d2sm_ext.triton_d2sm(
+        x, y, x_memory, y_memory, divergence, exclude_self, float(eps), use_tf32(precision), reduction,
+        need_gx, need_gy)
+    return value
+
+
+def supports(device_type: str, dtype: torch.dtype) -> Optional[str]:
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype {dtype} not supported (float32, float16, bfloat16 only; use backend='reference' for float64)"
+    if device_type == "cuda":
+        return None
+    if device_type == "cpu" and interpreter_active():
+        return None
+    return ("needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, Triton's slow interpreter, "
+            "for tests)")

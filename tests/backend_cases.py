@@ -1,0 +1,104 @@
+"""Shared parity machinery for fused backends: shapes, tolerances, and the comparison itself.
+
+Tolerances (explicit per dtype; see DESIGN §2 and the flash-attention rule for low precision):
+* float32: ``max|out - ref| <= RTOL_F32 · max|ref| + ATOL_F32`` against the float64 reference.
+  fp32 rounding (6e-8) amplified by the cancellation in Σ p·log(p/q) and in u − ū stays below
+  1e-5 relative in practice; 1e-4 leaves a decade of margin and still catches any wrong term.
+* float16/bfloat16: the error against the float64 reference must be at most 2× the error of the
+  same dense formula computed in plain PyTorch in that dtype (plus a floor for exact ties).
+"""
+import torch
+
+from d2sm_ext.reference import d2sm_reference, dense_divergence
+
+RTOL_F32 = 1e-4
+ATOL_F32 = 1e-7
+LOW_PRECISION_FACTOR = 2.0
+
+
+def make_inputs(shape, n_memory, device, dtype=torch.float32, y_grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    y = x + 0.7 * torch.randn(*shape, generator=g)  # related, like restored vs clean features
+    lead = shape[:-2]
+    mem = None
+    if n_memory:
+        xm = torch.randn(*lead, n_memory, shape[-1], generator=g)
+        ym = xm + 0.7 * torch.randn(*lead, n_memory, shape[-1], generator=g)
+        mem = (xm.to(device, dtype), ym.to(device, dtype))
+    x = x.to(device, dtype).requires_grad_(True)
+    y = y.to(device, dtype).requires_grad_(y_grad)
+    return x, y, mem
+
+
+def reference64(x, y, mem, div, excl, red, upstream=None, eps=1e-8):
+    """float64 reference value and gradients (into x and y)."""
+    xd = x.detach().double().cpu().requires_grad_(True)
+    yd = y.detach().double().cpu().requires_grad_(True)
+    xm, ym = (None, None) if mem is None else (mem[0].double().cpu(), mem[1].double().cpu())
+    out = d2sm_reference(xd, yd, div, excl, red, eps=eps, x_memory=xm, y_memory=ym)
+    up = torch.ones_like(out) * 2.0 if upstream is None else upstream.double().cpu()
+    gx, gy = torch.autograd.grad(out, (xd, yd), up)
+    return out.detach(), gx, gy
+
+
+def max_err(a, b):
+    return (a.detach().double().cpu() - b).abs().max().item()
+
+
+def assert_f32_close(got, want, what):
+    err = max_err(got, want)
+    bound = RTOL_F32 * want.abs().max().item() + ATOL_F32
+    assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
+
+
+def run_backend(backend, x, y, mem, div, excl, red, upstream=None, **kw):
+    import d2sm_ext
+
+    xm, ym = (None, None) if mem is None else mem
+    out = d2sm_ext.d2sm_divergence(x, y, div, excl, red, backend=backend, x_memory=xm, y_memory=ym, **kw)
+    up = torch.ones_like(out) * 2.0 if upstream is None else upstream.to(out.device, out.dtype)
+    inputs = [t for t in (x, y) if t.requires_grad]
+    grads = torch.autograd.grad(out, inputs, up)
+    gx = grads[0]
+    gy = grads[1] if y.requires_grad else None
+    return out, gx, gy
+
+
+def check_parity(backend, shape, n_memory, div, excl, red, device, seed=0):
+    """Values and gradients (grad_output = 2 for scalars, random for "none") vs float64."""
+    x, y, mem = make_inputs(shape, n_memory, device, seed=seed)
+    upstream = None
+    if red == "none":
+        m = shape[-2] + n_memory
+        upstream = torch.randn(*shape[:-2], m, generator=torch.Generator().manual_seed(seed + 1))
+    want, wgx, wgy = reference64(x, y, mem, div, excl, red, upstream)
+    got, gx, gy = run_backend(backend, x, y, mem, div, excl, red, upstream)
+    assert got.shape == want.shape and got.dtype == x.dtype
+    assert_f32_close(got, want, "value")
+    assert_f32_close(gx, wgx, "grad x")
+    assert_f32_close(gy, wgy, "grad y")
+
+
+def check_low_precision(backend, shape, n_memory, div, excl, red, device, dtype):
+    """flash-attention's rule: error(kernel, dtype) <= 2 × error(plain PyTorch in dtype)."""
+    x, y, mem = make_inputs(shape, n_memory, device, dtype=dtype)
+    upstream = None
+    if red == "none":
+        upstream = torch.randn(*shape[:-2], shape[-2] + n_memory).to(dtype)
+    want, wgx, wgy = reference64(x, y, mem, div, excl, red, upstream)
+    got, gx, gy = run_backend(backend, x, y, mem, div, excl, red, upstream)
+    assert got.dtype == dtype
+
+    xl = x.detach().clone().requires_grad_(True)
+    yl = y.detach().clone().requires_grad_(True)
+    xm, ym = (None, None) if mem is None else mem
+    plain = dense_divergence(xl, yl, div, excl, red, 1e-8, xm, ym)
+    up = torch.ones_like(plain) * 2.0 if upstream is None else upstream.to(plain.device, plain.dtype)
+    pgx, pgy = torch.autograd.grad(plain, (xl, yl), up)
+    for name, mine, base, truth in (("value", got, plain, want), ("grad x", gx, pgx, wgx), ("grad y", gy, pgy, wgy)):
+        err = max_err(mine, truth)
+        base_err = max_err(base, truth)
+        floor = 1e-3 * truth.abs().max().item()  # one low-precision ulp-ish: ties at tiny errors
+        assert err <= LOW_PRECISION_FACTOR * base_err + floor, (
+            f"{name}: {dtype} error {err:.3e} > 2 × plain-PyTorch {dtype} error {base_err:.3e} (+{floor:.1e})")
