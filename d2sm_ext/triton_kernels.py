@@ -91,11 +91,15 @@ def row_dot_kernel(x_ptr, s_b, s_m, s_d, M, D, vec_ptr, out_ptr, out_stride_b, o
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # One return at the end: the compiler does not prune code after an early return in a
+    # constexpr branch.
     if UPCAST:  # Triton's CPU interpreter computes bfloat16 dots wrongly; it gets fp32 operands
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    if PRECISION == "native":  # float16/bfloat16 operands: tensor cores, fp32 accumulation
-        return tl.dot(a, b)
-    return tl.dot(a, b, input_precision=PRECISION)  # float32 operands: "ieee" or "tf32"
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif PRECISION == "native":  # float16/bfloat16 operands: tensor cores, fp32 accumulation
+        out = tl.dot(a, b)
+    else:  # float32 operands: "ieee" or "tf32"
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
 
 
 @triton.jit
@@ -188,11 +192,13 @@ def _column_segment(
     gx_base, gy_base, eps,
     f_acc, pu_acc, qv_acc,
     DIV: tl.constexpr, EXCL: tl.constexpr, COMPUTE_STATS: tl.constexpr,
-    DO_GX, DO_GY, COMPUTE_GX: tl.constexpr, COMPUTE_GY: tl.constexpr,
+    DO_GRAD, COMPUTE_GX: tl.constexpr, COMPUTE_GY: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """All column blocks of one segment (live or memory rows) against row block I."""
+    """All column blocks of one segment (live or memory rows) against row block I.
+
+    DO_GRAD (runtime): row block I is live, so its gradient rows exist and are accumulated."""
     for j0 in range(0, n_cols, BN):
         cols = j0 + tl.arange(0, BN)
         cols_ok = cols < n_cols
@@ -218,8 +224,8 @@ def _column_segment(
             pu_acc += tl.sum(tl.where(valid, pu, 0.0), axis=1)
             qv_acc += tl.sum(tl.where(valid, qv, 0.0), axis=1)
 
-        if COMPUTE_GX or COMPUTE_GY:
-            if DO_GX or DO_GY:
+        if COMPUTE_GX or COMPUTE_GY:  # constexpr
+            if DO_GRAD:
                 a_j = tl.load(a_ptr + stat_j, mask=cols_ok, other=1.0)
                 b_j = tl.load(bn_ptr + stat_j, mask=cols_ok, other=1.0)
                 w_j = tl.load(w_ptr + stat_j, mask=cols_ok, other=0.0)
@@ -227,17 +233,15 @@ def _column_segment(
                 u_ij, v_ij = _grad_weights(ka * inv_ai[:, None], kb * inv_bi[:, None], DIV)
                 u_ji, v_ji = _grad_weights(ka / a_j[None, :], kb / b_j[None, :], DIV)
                 if COMPUTE_GX:
-                    if DO_GX:
-                        wx = alpha_i[:, None] * u_ij + (w_j / a_j)[None, :] * u_ji
-                        wx = tl.where(valid, wx * rxj[None, :], 0.0)
-                        _accumulate_grad(wx, xj_base, sx_d, cols_ok, gx_base, rows_ok, D,
-                                         BM, BN, BK, PRECISION, UPCAST)
+                    wx = alpha_i[:, None] * u_ij + (w_j / a_j)[None, :] * u_ji
+                    wx = tl.where(valid, wx * rxj[None, :], 0.0)
+                    _accumulate_grad(wx, xj_base, sx_d, cols_ok, gx_base, rows_ok, D,
+                                     BM, BN, BK, PRECISION, UPCAST)
                 if COMPUTE_GY:
-                    if DO_GY:
-                        wy = beta_i[:, None] * v_ij + (w_j / b_j)[None, :] * v_ji
-                        wy = tl.where(valid, wy * ryj[None, :], 0.0)
-                        _accumulate_grad(wy, yj_base, sy_d, cols_ok, gy_base, rows_ok, D,
-                                         BM, BN, BK, PRECISION, UPCAST)
+                    wy = beta_i[:, None] * v_ij + (w_j / b_j)[None, :] * v_ji
+                    wy = tl.where(valid, wy * ryj[None, :], 0.0)
+                    _accumulate_grad(wy, yj_base, sy_d, cols_ok, gy_base, rows_ok, D,
+                                     BM, BN, BK, PRECISION, UPCAST)
     return f_acc, pu_acc, qv_acc
 
 
@@ -304,13 +308,13 @@ def pair_kernel(
         xi_base, s_xd, yi_base, s_yd, rows_ok, gi, rxi, ryi, inv_ai, inv_bi, alpha_i, beta_i,
         xl_ptr, yl_ptr, sxl_b, sxl_m, sxl_d, syl_b, syl_m, syl_d, b, N, 0, D,
         rx_ptr, ry_ptr, a_ptr, bn_ptr, w_ptr, M, gx_base, gy_base, eps,
-        f_acc, pu_acc, qv_acc, DIV, EXCL, COMPUTE_STATS, is_live, is_live, COMPUTE_GX, COMPUTE_GY,
+        f_acc, pu_acc, qv_acc, DIV, EXCL, COMPUTE_STATS, is_live, COMPUTE_GX, COMPUTE_GY,
         BM, BN, BK, PRECISION, UPCAST)
     f_acc, pu_acc, qv_acc = _column_segment(
         xi_base, s_xd, yi_base, s_yd, rows_ok, gi, rxi, ryi, inv_ai, inv_bi, alpha_i, beta_i,
         xm_ptr, ym_ptr, sxm_b, sxm_m, sxm_d, sym_b, sym_m, sym_d, b, Q, N, D,
         rx_ptr, ry_ptr, a_ptr, bn_ptr, w_ptr, M, gx_base, gy_base, eps,
-        f_acc, pu_acc, qv_acc, DIV, EXCL, COMPUTE_STATS, is_live, is_live, COMPUTE_GX, COMPUTE_GY,
+        f_acc, pu_acc, qv_acc, DIV, EXCL, COMPUTE_STATS, is_live, COMPUTE_GX, COMPUTE_GY,
         BM, BN, BK, PRECISION, UPCAST)
     if COMPUTE_STATS:
         tl.store(f_ptr + stat_i, f_acc, mask=rows_ok)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One-shot GPU check (DESIGN §5 machine: torch 2.11, triton 3.6, Python 3.12, no network).
+#   benchmarks/gpu_check.sh OUTDIR
+# Builds the C++/CUDA extension when csrc/ exists, runs the GPU tests (triton/cuda vs the
+# reference on CUDA tensors), runs the comparison benchmark, and prints a short table last.
+# Everything it writes goes under OUTDIR; each stage has its own time limit so that the whole
+# script ends in under 6 minutes.
+set -uo pipefail
+OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+SECONDS=0
+stage() { echo "== [$SECONDS s] $*"; }
+
+stage "environment"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/env.txt"
+
+if [ -d csrc ] && ls csrc/*.cpp >/dev/null 2>&1; then
+  stage "build extension (sm_90)"
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+    timeout 240 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1 \
+    && echo "build ok" || { echo "BUILD FAILED (see build.log)"; tail -30 "$OUT/build.log"; }
+fi
+
+stage "GPU tests"
+GPU_TESTS=${GPU_TESTS:-tests/test_triton.py}
+for t in tests/test_cpp.py; do [ -f "$t" ] && GPU_TESTS="$GPU_TESTS $t"; done
+timeout ${TEST_TIMEOUT:-200} $PY -m pytest -q -x -p no:cacheprovider -n ${TEST_WORKERS:-8} $GPU_TESTS \
+  >"$OUT/tests.log" 2>&1; echo "tests exit $?"; tail -4 "$OUT/tests.log"
+
+stage "tile tuning (triton)"
+timeout ${TUNE_TIMEOUT:-100} $PY -m benchmarks.tune_triton ${TUNE_ARGS:-} >"$OUT/tune.log" 2>&1; echo "tune exit $?"
+cat "$OUT/tune.log" | grep "^|"
+
+stage "benchmark"
+timeout ${BENCH_TIMEOUT:-240} $PY -m benchmarks.compare --device cuda --out "$OUT" ${BENCH_ARGS:-} \
+  >"$OUT/bench.log" 2>&1; echo "bench exit $?"
+
+stage "summary"
+cat "$OUT/compare_cuda.md" 2>/dev/null || tail -40 "$OUT/bench.log"
+grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
+stage "done"

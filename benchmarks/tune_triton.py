@@ -1,0 +1,43 @@
+"""Try a few tile configurations of the Triton pair kernel on the GPU target shape.
+
+    python -m benchmarks.tune_triton [--m 4096 --d 4096]
+
+Prints fwd+bwd median ms per (BM, BN, BK, num_warps, num_stages) for tf32 and bf16; the best
+goes into ``triton_backend._config``. Each configuration compiles once (seconds).
+"""
+import argparse
+import os
+import statistics
+
+import torch
+
+from benchmarks.common import Config, float32_precision, make_inputs, runner, step_fn, time_ms
+
+CANDIDATES = ["64,64,64,4,2", "128,64,64,8,2", "64,128,64,8,2", "128,128,32,8,2", "32,64,64,4,3"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--m", type=int, default=4096)
+    p.add_argument("--d", type=int, default=4096)
+    p.add_argument("--configs", default=";".join(CANDIDATES))
+    args = p.parse_args()
+    cases = [Config("tune", args.m, args.d, tf32=True), Config("tune", args.m, args.d, dtype=torch.bfloat16)]
+    print("| BM,BN,BK,warps,stages | " + " | ".join(c.label() for c in cases) + " |")
+    print("|---|" + "---|" * len(cases))
+    for cfg_text in args.configs.split(";"):
+        os.environ["D2SM_TRITON_CONFIG"] = cfg_text
+        cells = []
+        for case in cases:
+            try:
+                with float32_precision(case.tf32):
+                    step = step_fn(runner("triton"), make_inputs(case, "cuda"), True)
+                    cells.append(f"{statistics.median(time_ms(step, 'cuda', reps=5, warmup=1)):.2f} ms")
+            except Exception as exc:  # a config that does not compile or fit: report, go on
+                cells.append(f"error: {type(exc).__name__}: {str(exc)[:60]}")
+        print(f"| {cfg_text} | " + " | ".join(cells) + " |", flush=True)
+    os.environ.pop("D2SM_TRITON_CONFIG")
+
+
+if __name__ == "__main__":
+    main()
