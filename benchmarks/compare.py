@@ -101,8 +101,10 @@ def _ms(cell) -> str:
 
 
 def _speedup(row: dict, base: dict | None) -> str:
-    if base is None or not isinstance(base.get("fwdbwd"), dict):
-        return f"∞ (base {base.get('fwdbwd') if base else 'n/a'})" if isinstance(row.get("fwdbwd"), dict) else "-"
+    if base is None:
+        return "-"
+    if not isinstance(base.get("fwdbwd"), dict):  # the baseline ran out of memory or time
+        return f"∞ (base {base.get('fwdbwd')})" if isinstance(row.get("fwdbwd"), dict) else "-"
     if not isinstance(row.get("fwdbwd"), dict):
         return "-"
     return f"{base['fwdbwd']['median'] / row['fwdbwd']['median']:.2f}×"

@@ -30,7 +30,8 @@ fi
 stage "GPU tests"
 GPU_TESTS=${GPU_TESTS:-tests/test_triton.py}
 for t in tests/test_cpp.py; do [ -f "$t" ] && GPU_TESTS="$GPU_TESTS $t"; done
-timeout ${TEST_TIMEOUT:-200} $PY -m pytest -q -x -p no:cacheprovider -n ${TEST_WORKERS:-8} $GPU_TESTS \
+XDIST=""; [ "${TEST_WORKERS:-8}" != "0" ] && XDIST="-n ${TEST_WORKERS:-8}"  # pytest-xdist: compile in parallel
+timeout ${TEST_TIMEOUT:-200} $PY -m pytest -q -x -p no:cacheprovider $XDIST $GPU_TESTS \
   >"$OUT/tests.log" 2>&1; echo "tests exit $?"; tail -4 "$OUT/tests.log"
 
 stage "tile tuning (triton)"
