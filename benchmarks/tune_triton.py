@@ -1,4 +1,4 @@
-"""Try a few tile configurations of the Triton pair kernel on the GPU target shape.
+"""Try a few tile configurations of the Triton pair-panel kernel on the GPU target shape.
 
     python -m benchmarks.tune_triton [--m 4096 --d 4096]
 
@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.common import Config, float32_precision, make_inputs, runner, step_fn, time_ms
 
-CANDIDATES = ["64,64,64,4,2", "128,64,64,8,2", "64,128,64,8,2", "128,128,32,8,2", "32,64,64,4,3"]
+CANDIDATES = ["128,64,32,8,3", "128,64,64,8,3", "64,64,64,4,3"]
 
 
 def main() -> None:

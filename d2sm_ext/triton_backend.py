@@ -65,7 +65,18 @@ def _config(device: torch.device) -> dict:
         return dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
     if device.type == "cpu":  # interpreter: fewer, larger numpy ops are faster
         return dict(BM=64, BN=64, BK=128, num_warps=1, num_stages=1)
-    return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=2)
+    return dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3)
+
+
+def _grad_config(device: torch.device) -> dict:
+    """Tiles of the panel GEMM (D2SM_TRITON_GRAD_CONFIG overrides, same format)."""
+    env = os.environ.get("D2SM_TRITON_GRAD_CONFIG")
+    if env:
+        bm, bn, bk, warps, stages = (int(v) for v in env.split(","))
+        return dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    if device.type == "cpu":
+        return dict(BM=64, BN=128, BK=64, num_warps=1, num_stages=1)
+    return dict(BM=128, BN=128, BK=32, num_warps=8, num_stages=3)
 
 
 def _as3d(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -143,9 +154,33 @@ def _precision(dtype: torch.dtype, tf32: bool) -> str:
     return "tf32" if tf32 else "ieee"
 
 
+def _panel_rows(bsz: int, m: int, n_panels: int, bm: int, rows: int) -> int:
+    """Rows per gradient panel: the (B, R, M) fp32 W' panels fit D2SM_PANEL_MB (default 512)."""
+    forced = os.environ.get("D2SM_PANEL_ROWS")
+    if forced:
+        return max(1, int(forced))
+    budget = float(os.environ.get("D2SM_PANEL_MB", "512")) * 2 ** 20
+    r = int(budget // (bsz * m * 4 * max(n_panels, 1)))
+    r = max(bm, (r // bm) * bm)
+    return min(r, rows)
+
+
+def _n_splits(device: torch.device, row_blocks: int, bsz: int, n_tiles: int) -> int:
+    """Column splits per row block so the grid fills the GPU (≥ 4 programs per SM)."""
+    if device.type != "cuda":
+        return min(2, n_tiles)  # interpreter: still exercise the split reduction
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_tiles, triton_cdiv(target, max(row_blocks * bsz, 1))))
+
+
 def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
                compute_stats: bool, gx: Optional[torch.Tensor], gy: Optional[torch.Tensor]):
-    """Launch the pairwise kernel. Returns (F, Σpu, Σqv) when compute_stats, else None."""
+    """Panels of rows against all columns: statistics (B, 3, M) and the pairwise gradient sums
+    written into gx/gy (B, N, d) fp32. Returns the statistics when compute_stats, else None.
+
+    Live rows are processed in panels of R rows (W' panels of R×M fp32 bounded by
+    D2SM_PANEL_MB); memory rows, when statistics are needed, in one stats-only launch.
+    """
     bsz, n, d = x.shape
     q = 0 if xm is None else xm.shape[1]
     m = n + q
@@ -153,25 +188,59 @@ def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
         raise ValueError(f"the triton backend handles at most {_MAX_GRID_Y} problems per call, got B={bsz}; "
                          f"split the batch")
     cfg = _config(x.device)
+    bm, bn_, bk = cfg["BM"], cfg["BN"], cfg["BK"]
     xm_, ym_ = (x, y) if xm is None else (xm, ym)  # Q = 0: the memory pointers are never read
-    stats = torch.empty(3, bsz, m, dtype=torch.float32, device=x.device) if compute_stats else rx.new_empty(3, 1, 1)
+    stats = torch.empty(3, bsz, m, dtype=torch.float32, device=x.device) if compute_stats else None
+    precision = _precision(x.dtype, tf32)
+    upcast = interpreter_active() and x.dtype == torch.bfloat16
+    n_tiles = triton_cdiv(n, bn_) + triton_cdiv(q, bn_)
+    n_panels = int(gx is not None) + int(gy is not None)
     dummy = rx.new_empty(1)
-    n_blocks = triton_cdiv(n, cfg["BM"]) + (triton_cdiv(q, cfg["BM"]) if compute_stats else 0)
-    if n_blocks == 0:
-        return stats if compute_stats else None
-    K.pair_kernel[(n_blocks, bsz)](
-        x, y, xm_, ym_,
-        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-        xm_.stride(0), xm_.stride(1), xm_.stride(2), ym_.stride(0), ym_.stride(1), ym_.stride(2),
-        n, q, d, rx, ry, a, bn, w, stats[0], stats[1], stats[2],
-        gx if gx is not None else dummy, gy if gy is not None else dummy, eps,
-        DIV=K.DIVERGENCE_CODES[div], EXCL=exclude_self, COMPUTE_STATS=compute_stats,
-        COMPUTE_GX=gx is not None, COMPUTE_GY=gy is not None,
-        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], PRECISION=_precision(x.dtype, tf32),
-        UPCAST=interpreter_active() and x.dtype == torch.bfloat16,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    return stats if compute_stats else None
+
+    segments = [(x, y, 0, n, True)]
+    if compute_stats and q:
+        segments.append((xm, ym, n, q, False))
+    for seg_x, seg_y, offset, rows, live in segments:
+        grads = live and n_panels > 0
+        panel = _panel_rows(bsz, m, n_panels, bm, rows) if grads else rows
+        wx = torch.empty(bsz, panel, m, dtype=torch.float32, device=x.device) if grads and gx is not None else None
+        wy = torch.empty(bsz, panel, m, dtype=torch.float32, device=x.device) if grads and gy is not None else None
+        for r0 in range(0, rows, panel):
+            r1 = min(rows, r0 + panel)
+            xi, yi = seg_x[:, r0:r1], seg_y[:, r0:r1]
+            row_blocks = triton_cdiv(r1 - r0, bm)
+            splits = _n_splits(x.device, row_blocks, bsz, n_tiles)
+            per_split = triton_cdiv(n_tiles, splits)
+            splits = triton_cdiv(n_tiles, per_split)
+            part = torch.empty(3, splits, bsz, panel, dtype=torch.float32, device=x.device) if compute_stats else dummy
+            K.pair_panel_kernel[(row_blocks, splits, bsz)](
+                xi, yi, xi.stride(0), xi.stride(1), xi.stride(2), yi.stride(0), yi.stride(1), yi.stride(2),
+                r1 - r0, offset + r0,
+                x, y, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+                xm_, ym_, xm_.stride(0), xm_.stride(1), xm_.stride(2), ym_.stride(0), ym_.stride(1), ym_.stride(2),
+                n, q, d, rx, ry, a, bn, w, part, splits, panel,
+                wx if wx is not None else dummy, wy if wy is not None else dummy, eps, per_split,
+                DIV=K.DIVERGENCE_CODES[div], EXCL=exclude_self, COMPUTE_STATS=compute_stats,
+                COMPUTE_GX=wx is not None, COMPUTE_GY=wy is not None,
+                BM=bm, BN=bn_, BK=bk, PRECISION=precision, UPCAST=upcast,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
+            if compute_stats:  # fixed-order reduction over the splits: deterministic
+                stats[:, :, offset + r0:offset + r1] = part[:, :, :, :r1 - r0].sum(dim=1)
+            for w_panel, seg, mem, g in ((wx, x, xm_, gx), (wy, y, ym_, gy)):
+                if w_panel is None:
+                    continue
+                g_rows = g[:, r0:r1]
+                gcfg = _grad_config(x.device)
+                grid = (triton_cdiv(r1 - r0, gcfg["BM"]), triton_cdiv(d, gcfg["BN"]), bsz)
+                K.panel_grad_kernel[grid](
+                    w_panel, panel, r1 - r0,
+                    seg, seg.stride(0), seg.stride(1), seg.stride(2), mem, mem.stride(0), mem.stride(1), mem.stride(2),
+                    n, q, d, g_rows, g_rows.stride(0), g_rows.stride(1),
+                    BM=gcfg["BM"], BN=gcfg["BN"], BK=gcfg["BK"], PRECISION=precision, UPCAST=upcast,
+                    num_warps=gcfg["num_warps"], num_stages=gcfg["num_stages"],
+                )
+    return stats
 
 
 def _finish_grad(pairwise, live, segs, inv_norm, norm, weights, bar, s, exclude_self):

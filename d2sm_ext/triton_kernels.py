@@ -11,8 +11,9 @@ divergence F_i = Σ_j f(p_ij, q_ij), write u = ∂f/∂p and v = ∂f/∂q (cons
 
     ∂L/∂x̂_k = ½ Σ_{j∈S_k} (α_k u_kj + α_j u_jk) x̂_j − ½ α_k ū_k Σ_{j∈S_k} x̂_j − ½ Σ_{j∈S_k} α_j ū_j x̂_j
 
-with α = w/A (and the same for y with v, v̄, β = w/B). Only the first sum is pairwise; the
-kernel here accumulates it (as Σ_j W_kj r_j x_j) in the same tile loop that produces F, ū, v̄.
+with α = w/A (and the same for y with v, v̄, β = w/B). Only the first sum is pairwise:
+``pair_panel_kernel`` forms W'_kj = (α_k u_kj + α_j u_jk)·r_j for a panel of rows in the same
+tile loop that produces F, ū, v̄, and ``panel_grad_kernel`` multiplies the panel by the rows.
 
 Divergence codes: 0 kl, 1 reverse_kl, 2 symmetric_kl, 3 js.
 """
@@ -103,22 +104,6 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _gram_tile(ai_base, si_d, aj_base, sj_d, rows_ok, cols_ok, D,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Raw inner products of a BM-row block and a BN-row block, accumulated in fp32 over d."""
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, D, BK):
-        cols = k + tl.arange(0, BK)
-        col_ok = cols < D
-        cols64 = cols.to(tl.int64)
-        ai = tl.load(ai_base + cols64[None, :] * si_d, mask=rows_ok[:, None] & col_ok[None, :], other=0.0)
-        aj = tl.load(aj_base + cols64[None, :] * sj_d, mask=cols_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += _dot(ai, tl.trans(aj), PRECISION, UPCAST)
-    return acc
-
-
-@triton.jit
 def _pair_terms(p, q, DIV: tl.constexpr):
     """(f, p·u, q·v) of one row's pair terms; zero-probability terms contribute 0."""
     pos_p = p > 0
@@ -168,155 +153,157 @@ def _grad_weights(p, q, DIV: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_grad(w_tile, cj_base, s_d, cols_ok, g_base, rows_ok, D,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """g[I, :] += w_tile @ c[J, :], streamed over d (this program owns rows I of g)."""
-    for k in range(0, D, BK):
-        cols = k + tl.arange(0, BK)
-        col_ok = cols < D
-        cj = tl.load(cj_base + cols[None, :].to(tl.int64) * s_d, mask=cols_ok[:, None] & col_ok[None, :],
-                     other=0.0)
-        part = _dot(w_tile.to(cj.dtype), cj, PRECISION, UPCAST)
-        g_ptrs = g_base + cols[None, :]
-        g_mask = rows_ok[:, None] & col_ok[None, :]
-        tl.store(g_ptrs, tl.load(g_ptrs, mask=g_mask, other=0.0) + part, mask=g_mask)
-
-
-@triton.jit
-def _column_segment(
-    xi_base, sxi_d, yi_base, syi_d, rows_ok, gi,
-    rxi, ryi, inv_ai, inv_bi, alpha_i, beta_i,
-    x_ptr, y_ptr, sx_b, sx_m, sx_d, sy_b, sy_m, sy_d, b, n_cols, col_offset, D,
-    rx_ptr, ry_ptr, a_ptr, bn_ptr, w_ptr, stats_stride_b,
-    gx_base, gy_base, eps,
-    f_acc, pu_acc, qv_acc,
-    DIV: tl.constexpr, EXCL: tl.constexpr, COMPUTE_STATS: tl.constexpr,
-    DO_GRAD, COMPUTE_GX: tl.constexpr, COMPUTE_GY: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """All column blocks of one segment (live or memory rows) against row block I.
-
-    DO_GRAD (runtime): row block I is live, so its gradient rows exist and are accumulated."""
-    for j0 in range(0, n_cols, BN):
-        cols = j0 + tl.arange(0, BN)
-        cols_ok = cols < n_cols
-        gj = col_offset + cols
-        cols64 = cols.to(tl.int64)
-        xj_base = x_ptr + b * sx_b + cols64[:, None] * sx_m
-        yj_base = y_ptr + b * sy_b + cols64[:, None] * sy_m
-        stat_j = b * stats_stride_b + gj
-        rxj = tl.load(rx_ptr + stat_j, mask=cols_ok, other=0.0)
-        ryj = tl.load(ry_ptr + stat_j, mask=cols_ok, other=0.0)
-
-        cx = _gram_tile(xi_base, sxi_d, xj_base, sx_d, rows_ok, cols_ok, D, BM, BN, BK, PRECISION, UPCAST)
-        cy = _gram_tile(yi_base, syi_d, yj_base, sy_d, rows_ok, cols_ok, D, BM, BN, BK, PRECISION, UPCAST)
-        ka = tl.maximum(0.5 + 0.5 * (cx * rxi[:, None] * rxj[None, :]), 0.0) + eps
-        kb = tl.maximum(0.5 + 0.5 * (cy * ryi[:, None] * ryj[None, :]), 0.0) + eps
-        valid = rows_ok[:, None] & cols_ok[None, :]
-        if EXCL:
-            valid = valid & (gi[:, None] != gj[None, :])
-
-        if COMPUTE_STATS:
-            f, pu, qv = _pair_terms(ka * inv_ai[:, None], kb * inv_bi[:, None], DIV)
-            f_acc += tl.sum(tl.where(valid, f, 0.0), axis=1)
-            pu_acc += tl.sum(tl.where(valid, pu, 0.0), axis=1)
-            qv_acc += tl.sum(tl.where(valid, qv, 0.0), axis=1)
-
-        if COMPUTE_GX or COMPUTE_GY:  # constexpr
-            if DO_GRAD:
-                a_j = tl.load(a_ptr + stat_j, mask=cols_ok, other=1.0)
-                b_j = tl.load(bn_ptr + stat_j, mask=cols_ok, other=1.0)
-                w_j = tl.load(w_ptr + stat_j, mask=cols_ok, other=0.0)
-                # Row i's weights (u_ij, v_ij) and, by symmetry of a and b, column j's (u_ji, v_ji).
-                u_ij, v_ij = _grad_weights(ka * inv_ai[:, None], kb * inv_bi[:, None], DIV)
-                u_ji, v_ji = _grad_weights(ka / a_j[None, :], kb / b_j[None, :], DIV)
-                if COMPUTE_GX:
-                    wx = alpha_i[:, None] * u_ij + (w_j / a_j)[None, :] * u_ji
-                    wx = tl.where(valid, wx * rxj[None, :], 0.0)
-                    _accumulate_grad(wx, xj_base, sx_d, cols_ok, gx_base, rows_ok, D,
-                                     BM, BN, BK, PRECISION, UPCAST)
-                if COMPUTE_GY:
-                    wy = beta_i[:, None] * v_ij + (w_j / b_j)[None, :] * v_ji
-                    wy = tl.where(valid, wy * ryj[None, :], 0.0)
-                    _accumulate_grad(wy, yj_base, sy_d, cols_ok, gy_base, rows_ok, D,
-                                     BM, BN, BK, PRECISION, UPCAST)
-    return f_acc, pu_acc, qv_acc
-
-
-@triton.jit
-def pair_kernel(
-    xl_ptr, yl_ptr, xm_ptr, ym_ptr,
-    sxl_b, sxl_m, sxl_d, syl_b, syl_m, syl_d,
-    sxm_b, sxm_m, sxm_d, sym_b, sym_m, sym_d,
+def pair_panel_kernel(
+    xi_ptr, yi_ptr, sxi_b, sxi_m, sxi_d, syi_b, syi_m, syi_d, n_rows, row_offset,
+    xl_ptr, yl_ptr, sxl_b, sxl_m, sxl_d, syl_b, syl_m, syl_d,
+    xm_ptr, ym_ptr, sxm_b, sxm_m, sxm_d, sym_b, sym_m, sym_d,
     N, Q, D,
     rx_ptr, ry_ptr, a_ptr, bn_ptr, w_ptr,
-    f_ptr, pu_ptr, qv_ptr,
-    gx_ptr, gy_ptr,
-    eps,
+    part_ptr, n_splits, panel_rows,
+    wx_ptr, wy_ptr,
+    eps, tiles_per_split,
     DIV: tl.constexpr, EXCL: tl.constexpr, COMPUTE_STATS: tl.constexpr,
     COMPUTE_GX: tl.constexpr, COMPUTE_GY: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """One program = one block of BM rows (live blocks first, then memory blocks) of problem b.
+    """Gram tiles + fused epilogue for one panel of rows against a range of column tiles.
 
-    It streams every column block of both segments, accumulating its rows' F, Σp·u, Σq·v
-    (COMPUTE_STATS) and, for live row blocks, the pairwise gradient sums into gx/gy rows it owns
-    (COMPUTE_GX/GY). Stats arrays are (B, M=N+Q) fp32; gx/gy are (B, N, D) fp32 contiguous.
+    Program (row block r, split s, problem b): rows r·BM… of the panel (global sample indices
+    row_offset + …), column tiles [s·tiles_per_split, (s+1)·tiles_per_split) of the sample set,
+    live tiles first, then memory tiles (a tile never straddles the two tensors). Per tile it
+    accumulates both Gram tiles over d (tensor-core dots, fp32 accumulation), then computes the
+    kernel values, the row sums F, Σp·u, Σq·v (partial, per split: part[k, s, b, row]) and, for
+    rows that need a gradient, the weights W'_ij = (α_i u_ij + α_j u_ji)·r_j into the panel
+    wx (and W' for y into wy), both (B, panel_rows, M) fp32.
     """
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     M = N + Q
-    n_live_blocks = tl.cdiv(N, BM)
-    is_live = pid < n_live_blocks
-    if is_live:
-        rows_i = pid.to(tl.int64) * BM + tl.arange(0, BM)
-        rows_ok = rows_i < N
-        gi = rows_i
-        xi_base = xl_ptr + b * sxl_b + rows_i[:, None] * sxl_m
-        yi_base = yl_ptr + b * syl_b + rows_i[:, None] * syl_m
-        s_xd = sxl_d
-        s_yd = syl_d
-    else:
-        rows_i = (pid - n_live_blocks).to(tl.int64) * BM + tl.arange(0, BM)
-        rows_ok = rows_i < Q
-        gi = N + rows_i
-        xi_base = xm_ptr + b * sxm_b + rows_i[:, None] * sxm_m
-        yi_base = ym_ptr + b * sym_b + rows_i[:, None] * sym_m
-        s_xd = sxm_d
-        s_yd = sym_d
+    rows = pid_r.to(tl.int64) * BM + tl.arange(0, BM)
+    rows_ok = rows < n_rows
+    gi = row_offset + rows
     stat_i = b * M + gi
     rxi = tl.load(rx_ptr + stat_i, mask=rows_ok, other=0.0)
     ryi = tl.load(ry_ptr + stat_i, mask=rows_ok, other=0.0)
-    a_i = tl.load(a_ptr + stat_i, mask=rows_ok, other=1.0)
-    b_i = tl.load(bn_ptr + stat_i, mask=rows_ok, other=1.0)
+    inv_ai = 1.0 / tl.load(a_ptr + stat_i, mask=rows_ok, other=1.0)
+    inv_bi = 1.0 / tl.load(bn_ptr + stat_i, mask=rows_ok, other=1.0)
     w_i = tl.load(w_ptr + stat_i, mask=rows_ok, other=0.0)
-    inv_ai = 1.0 / a_i
-    inv_bi = 1.0 / b_i
     alpha_i = w_i * inv_ai
     beta_i = w_i * inv_bi
+    xi_base = xi_ptr + b * sxi_b + rows[:, None] * sxi_m
+    yi_base = yi_ptr + b * syi_b + rows[:, None] * syi_m
 
-    g_rows = b * N * D + rows_i[:, None] * D
-    gx_base = gx_ptr + g_rows
-    gy_base = gy_ptr + g_rows
+    n_live_tiles = tl.cdiv(N, BN)
+    n_tiles = n_live_tiles + tl.cdiv(Q, BN)
+    t_begin = pid_s * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
     f_acc = tl.zeros((BM,), dtype=tl.float32)
     pu_acc = tl.zeros((BM,), dtype=tl.float32)
     qv_acc = tl.zeros((BM,), dtype=tl.float32)
-    f_acc, pu_acc, qv_acc = _column_segment(
-        xi_base, s_xd, yi_base, s_yd, rows_ok, gi, rxi, ryi, inv_ai, inv_bi, alpha_i, beta_i,
-        xl_ptr, yl_ptr, sxl_b, sxl_m, sxl_d, syl_b, syl_m, syl_d, b, N, 0, D,
-        rx_ptr, ry_ptr, a_ptr, bn_ptr, w_ptr, M, gx_base, gy_base, eps,
-        f_acc, pu_acc, qv_acc, DIV, EXCL, COMPUTE_STATS, is_live, COMPUTE_GX, COMPUTE_GY,
-        BM, BN, BK, PRECISION, UPCAST)
-    f_acc, pu_acc, qv_acc = _column_segment(
-        xi_base, s_xd, yi_base, s_yd, rows_ok, gi, rxi, ryi, inv_ai, inv_bi, alpha_i, beta_i,
-        xm_ptr, ym_ptr, sxm_b, sxm_m, sxm_d, sym_b, sym_m, sym_d, b, Q, N, D,
-        rx_ptr, ry_ptr, a_ptr, bn_ptr, w_ptr, M, gx_base, gy_base, eps,
-        f_acc, pu_acc, qv_acc, DIV, EXCL, COMPUTE_STATS, is_live, COMPUTE_GX, COMPUTE_GY,
-        BM, BN, BK, PRECISION, UPCAST)
+    for t in range(t_begin, t_end):
+        if t < n_live_tiles:
+            cols = (t * BN + tl.arange(0, BN)).to(tl.int64)  # t·BN < M < 2^31
+            cols_ok = cols < N
+            gj = cols
+            xj_base = xl_ptr + b * sxl_b + cols[:, None] * sxl_m
+            yj_base = yl_ptr + b * syl_b + cols[:, None] * syl_m
+            sxj_d = sxl_d
+            syj_d = syl_d
+        else:
+            cols = ((t - n_live_tiles) * BN + tl.arange(0, BN)).to(tl.int64)
+            cols_ok = cols < Q
+            gj = N + cols
+            xj_base = xm_ptr + b * sxm_b + cols[:, None] * sxm_m
+            yj_base = ym_ptr + b * sym_b + cols[:, None] * sym_m
+            sxj_d = sxm_d
+            syj_d = sym_d
+        cx = tl.zeros((BM, BN), dtype=tl.float32)
+        cy = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, D, BK):
+            kk = (k + tl.arange(0, BK)).to(tl.int64)
+            k_ok = kk < D
+            xi = tl.load(xi_base + kk[None, :] * sxi_d, mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+            xj = tl.load(xj_base + kk[None, :] * sxj_d, mask=cols_ok[:, None] & k_ok[None, :], other=0.0)
+            cx += _dot(xi, tl.trans(xj), PRECISION, UPCAST)
+            yi = tl.load(yi_base + kk[None, :] * syi_d, mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+            yj = tl.load(yj_base + kk[None, :] * syj_d, mask=cols_ok[:, None] & k_ok[None, :], other=0.0)
+            cy += _dot(yi, tl.trans(yj), PRECISION, UPCAST)
+
+        stat_j = b * M + gj
+        rxj = tl.load(rx_ptr + stat_j, mask=cols_ok, other=0.0)
+        ryj = tl.load(ry_ptr + stat_j, mask=cols_ok, other=0.0)
+        ka = tl.maximum(0.5 + 0.5 * (cx * rxi[:, None] * rxj[None, :]), 0.0) + eps
+        kb = tl.maximum(0.5 + 0.5 * (cy * ryi[:, None] * ryj[None, :]), 0.0) + eps
+        valid = rows_ok[:, None] & cols_ok[None, :]
+        if EXCL:
+            valid = valid & (gi[:, None] != gj[None, :])
+        p_ij = ka * inv_ai[:, None]
+        q_ij = kb * inv_bi[:, None]
+        if COMPUTE_STATS:
+            f, pu, qv = _pair_terms(p_ij, q_ij, DIV)
+            f_acc += tl.sum(tl.where(valid, f, 0.0), axis=1)
+            pu_acc += tl.sum(tl.where(valid, pu, 0.0), axis=1)
+            qv_acc += tl.sum(tl.where(valid, qv, 0.0), axis=1)
+        if COMPUTE_GX or COMPUTE_GY:
+            a_j = tl.load(a_ptr + stat_j, mask=cols_ok, other=1.0)
+            b_j = tl.load(bn_ptr + stat_j, mask=cols_ok, other=1.0)
+            w_j = tl.load(w_ptr + stat_j, mask=cols_ok, other=0.0)
+            # Row i's weights (u_ij, v_ij) and, as a and b are symmetric, column j's (u_ji, v_ji).
+            u_ij, v_ij = _grad_weights(p_ij, q_ij, DIV)
+            u_ji, v_ji = _grad_weights(ka / a_j[None, :], kb / b_j[None, :], DIV)
+            panel = b * panel_rows * M + rows[:, None] * M + gj[None, :]
+            store_ok = rows_ok[:, None] & cols_ok[None, :]
+            if COMPUTE_GX:
+                wx = alpha_i[:, None] * u_ij + (w_j / a_j)[None, :] * u_ji
+                tl.store(wx_ptr + panel, tl.where(valid, wx * rxj[None, :], 0.0), mask=store_ok)
+            if COMPUTE_GY:
+                wy = beta_i[:, None] * v_ij + (w_j / b_j)[None, :] * v_ji
+                tl.store(wy_ptr + panel, tl.where(valid, wy * ryj[None, :], 0.0), mask=store_ok)
     if COMPUTE_STATS:
-        tl.store(f_ptr + stat_i, f_acc, mask=rows_ok)
-        tl.store(pu_ptr + stat_i, pu_acc, mask=rows_ok)
-        tl.store(qv_ptr + stat_i, qv_acc, mask=rows_ok)
+        n_batch = tl.num_programs(2).to(tl.int64)
+        part = (pid_s * n_batch + b) * panel_rows + rows
+        plane = n_splits * n_batch * panel_rows
+        tl.store(part_ptr + part, f_acc, mask=rows_ok)
+        tl.store(part_ptr + plane + part, pu_acc, mask=rows_ok)
+        tl.store(part_ptr + 2 * plane + part, qv_acc, mask=rows_ok)
+
+
+@triton.jit
+def panel_grad_kernel(
+    w_ptr, panel_rows, n_rows,
+    xl_ptr, sxl_b, sxl_m, sxl_d, xm_ptr, sxm_b, sxm_m, sxm_d, N, Q, D,
+    g_ptr, sg_b, sg_m,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """g[b, rows, cols] = W'[b, rows, :] @ [x_live; x_memory][b, :, cols] — a GEMM over the M
+    sample rows (two tensors, never concatenated), fp32 accumulation. W' is rounded to the
+    input dtype for the dot (tensor cores for fp16/bf16; ieee or tf32 for fp32)."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    M = N + Q
+    rows = pid_r.to(tl.int64) * BM + tl.arange(0, BM)
+    rows_ok = rows < n_rows
+    cols = pid_c.to(tl.int64) * BN + tl.arange(0, BN)
+    cols_ok = cols < D
+    w_base = w_ptr + b * panel_rows * M + rows[:, None] * M
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, N, BK):
+        kk = (k + tl.arange(0, BK)).to(tl.int64)
+        k_ok = kk < N
+        xk = tl.load(xl_ptr + b * sxl_b + kk[:, None] * sxl_m + cols[None, :] * sxl_d,
+                     mask=k_ok[:, None] & cols_ok[None, :], other=0.0)
+        wk = tl.load(w_base + kk[None, :], mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += _dot(wk.to(xk.dtype), xk, PRECISION, UPCAST)
+    for k in range(0, Q, BK):
+        kk = (k + tl.arange(0, BK)).to(tl.int64)
+        k_ok = kk < Q
+        xk = tl.load(xm_ptr + b * sxm_b + kk[:, None] * sxm_m + cols[None, :] * sxm_d,
+                     mask=k_ok[:, None] & cols_ok[None, :], other=0.0)
+        wk = tl.load(w_base + N + kk[None, :], mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += _dot(wk.to(xk.dtype), xk, PRECISION, UPCAST)
+    g = g_ptr + b * sg_b + rows[:, None] * sg_m + cols[None, :]
+    tl.store(g, acc, mask=rows_ok[:, None] & cols_ok[None, :])

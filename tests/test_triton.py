@@ -210,3 +210,11 @@ def test_precision_switch():
         assert triton_backend.use_tf32("auto")
     finally:
         torch.set_float32_matmul_precision(old)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("red", ["mean", "none"])
+def test_several_gradient_panels(red, device, monkeypatch):
+    """Live rows processed in panels of 48 rows (3 panels for 130 rows), as for large M."""
+    monkeypatch.setenv("D2SM_PANEL_ROWS", "48")
+    check_parity("triton", (2, 130, 20), 30, "symmetric_kl", True, red, device)

@@ -11,9 +11,8 @@ from triton.compiler import ASTSource
 
 from d2sm_ext import triton_kernels as K
 
-INPUT_POINTERS = {"xl_ptr", "yl_ptr", "xm_ptr", "ym_ptr", "x_ptr"}
-PAIR_POINTERS = INPUT_POINTERS | {"rx_ptr", "ry_ptr", "a_ptr", "bn_ptr", "w_ptr", "f_ptr", "pu_ptr", "qv_ptr",
-                                  "gx_ptr", "gy_ptr"}
+INPUT_POINTERS = {"xl_ptr", "yl_ptr", "xm_ptr", "ym_ptr", "x_ptr", "xi_ptr", "yi_ptr"}
+PAIR_POINTERS = INPUT_POINTERS | {"part_ptr", "wx_ptr", "wy_ptr", "rx_ptr", "ry_ptr", "a_ptr", "bn_ptr", "w_ptr"}
 
 # (dtype, precision, divergence code, exclude_self, stats, grad x, grad y)
 PAIR_VARIANTS = [
@@ -47,11 +46,15 @@ def compile_kernel(fn, dtype, constexprs, pointers, float_args=()):
 def main() -> int:
     for dtype, precision, div, excl, stats, gx, gy in PAIR_VARIANTS:
         consts = dict(DIV=div, EXCL=excl, COMPUTE_STATS=stats, COMPUTE_GX=gx, COMPUTE_GY=gy,
-                      BM=64, BN=64, BK=64, PRECISION=precision, UPCAST=False)
-        compiled = compile_kernel(K.pair_kernel, dtype, consts, PAIR_POINTERS, float_args=("eps",))
-        assert ".entry pair_kernel" in compiled.asm["ptx"]
-        print(f"ok pair_kernel {dtype} {precision} div={div} excl={excl} stats={stats} gx={gx} gy={gy} "
+                      BM=128, BN=64, BK=32, PRECISION=precision, UPCAST=False)
+        compiled = compile_kernel(K.pair_panel_kernel, dtype, consts, PAIR_POINTERS, float_args=("eps",))
+        assert ".entry pair_panel_kernel" in compiled.asm["ptx"]
+        print(f"ok pair_panel_kernel {dtype} {precision} div={div} excl={excl} stats={stats} gx={gx} gy={gy} "
               f"shared={compiled.metadata.shared}")
+        if gx or gy:
+            consts = dict(BM=128, BN=128, BK=32, PRECISION=precision, UPCAST=False)
+            compile_kernel(K.panel_grad_kernel, dtype, consts, {"w_ptr", "xl_ptr", "xm_ptr", "g_ptr"})
+            print(f"ok panel_grad_kernel {dtype} {precision}")
     for fn, pointers in PREPASS:
         consts = dict(BM=32, BD=128)
         if "ACCUMULATE" in fn.arg_names:
