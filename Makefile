@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (each installs what it needs into .venv):
-#   make demo   - the main job (arrives with the demo issue; until then it says so)
+#   make demo   - the main job: train a denoiser with and without D2SM, compare (CPU, ~10 min)
 #   make test   - the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,8 +22,13 @@ install: $(STAMP)
 test: $(STAMP)
 	$(VPY) -m pytest -q tests
 
+# Benchmarks (not part of `make test`): the comparison table + sweep plots, then pytest-benchmark.
+bench: $(STAMP)
+	$(VPY) -m benchmarks.compare --out out/bench
+	$(VPY) -m pytest -q benchmarks --benchmark-json=out/bench/pytest_benchmark.json
+
 demo: $(STAMP)
-	@echo "make demo: the demo (issue 6) has not landed yet; see README.md"
+	$(VPY) -m d2sm_ext demo --out demo_out
 
 clean:
 	rm -rf $(VENV) build *.egg-info

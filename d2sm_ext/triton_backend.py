@@ -47,6 +47,7 @@ from typing import Optional
 
 import torch
 
+from . import op_glue
 from . import triton_kernels as K
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -284,15 +285,12 @@ def _grads(x, y, xm, ym, div, exclude_self, eps, tf32, weights, need_gx, need_gy
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops (torch.library): opaque to torch.compile, with fake shapes and autograd.
+# Custom ops (torch.library): opaque to torch.compile; fake shapes and autograd in op_glue.
 # ----------------------------------------------------------------------------------------------
-_EMPTY = (0,)
-
-
 def _grad_or_empty(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """A custom op's outputs may not alias each other: a fresh empty tensor for "not computed"."""
     if grad is None:
-        return like.new_empty(_EMPTY, dtype=torch.float32)
+        return like.new_empty(op_glue.EMPTY, dtype=torch.float32)
     return grad.reshape(like.shape)
 
 
@@ -301,11 +299,7 @@ def triton_d2sm(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[torch.Tenso
                 y_memory: Optional[torch.Tensor], divergence: str, exclude_self: bool, eps: float,
                 tf32: bool, reduction: str, need_gx: bool, need_gy: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (value, saved row statistics (6, B, M) fp32, ∂value/∂x, ∂value/∂y).
-
-    For "mean"/"sum" the gradients (fp32, shaped like x and y; empty unless need_g*) are computed
-    in the forward pass; for "none" they are empty and the backward op computes them.
-    """
+    """The forward op of ``op_glue`` (value, saved (6, B, M) fp32, ∂value/∂x, ∂value/∂y)."""
     x3, y3, xm3, ym3 = _as3d(x), _as3d(y), _as3d(x_memory), _as3d(y_memory)
     bsz, n, _ = x3.shape
     m = n + (0 if xm3 is None else xm3.shape[1])
@@ -324,23 +318,7 @@ def triton_d2sm(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[torch.Tenso
         value = rows if x.ndim == 3 else rows[0]
     _, _, rx, ry, a, bn, _, _ = row_stats
     saved = torch.stack([rx, ry, a, bn, stats[1], stats[2]])
-    gx = _grad_or_empty(gx, x)
-    gy = _grad_or_empty(gy, y)
-    return value.to(x.dtype), saved, gx, gy
-
-
-@triton_d2sm.register_fake
-def _(x, y, x_memory, y_memory, divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy):
-    bsz = x.shape[0] if x.ndim == 3 else 1
-    m = x.shape[-2] + (0 if x_memory is None else x_memory.shape[-2])
-    if reduction == "none":
-        value = x.new_empty((bsz, m) if x.ndim == 3 else (m,))
-    else:
-        value = x.new_empty(())
-    fused = reduction != "none"
-    gx = x.new_empty(x.shape if (need_gx and fused) else _EMPTY, dtype=torch.float32)
-    gy = y.new_empty(y.shape if (need_gy and fused) else _EMPTY, dtype=torch.float32)
-    return value, x.new_empty((6, bsz, m), dtype=torch.float32), gx, gy
+    return value.to(x.dtype), saved, _grad_or_empty(gx, x), _grad_or_empty(gy, y)
 
 
 @torch.library.custom_op("d2sm_ext::triton_d2sm_backward", mutates_args=())
@@ -348,7 +326,7 @@ def triton_d2sm_backward(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[to
                          y_memory: Optional[torch.Tensor], saved: torch.Tensor, grad_rows: torch.Tensor,
                          divergence: str, exclude_self: bool, eps: float, tf32: bool,
                          need_gx: bool, need_gy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients for reduction "none": row weights w = grad_rows (B, M); recomputes the tiles."""
+    """The backward op of ``op_glue`` (reduction "none": row weights w = grad_rows)."""
     x3, y3, xm3, ym3 = _as3d(x), _as3d(y), _as3d(x_memory), _as3d(y_memory)
     rx, ry, a, bn, pu, qv = saved.unbind(0)
     xsegs, ysegs = _segments(x3, xm3), _segments(y3, ym3)
@@ -360,41 +338,7 @@ def triton_d2sm_backward(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[to
     return _grad_or_empty(gx, x), _grad_or_empty(gy, y)
 
 
-@triton_d2sm_backward.register_fake
-def _(x, y, x_memory, y_memory, saved, grad_rows, divergence, exclude_self, eps, tf32, need_gx, need_gy):
-    return (x.new_empty(x.shape if need_gx else _EMPTY, dtype=torch.float32),
-            y.new_empty(y.shape if need_gy else _EMPTY, dtype=torch.float32))
-
-
-def _setup_context(ctx, inputs, output):
-    x, y, x_memory, y_memory, divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy = inputs
-    _, saved, gx, gy = output
-    ctx.options = (divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy)
-    if reduction == "none":
-        ctx.save_for_backward(x, y, x_memory, y_memory, saved)
-    else:
-        ctx.save_for_backward(gx, gy)
-
-
-def _backward(ctx, grad_value, _grad_saved, _grad_gx, _grad_gy):
-    divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy = ctx.options
-    need_x = need_gx and ctx.needs_input_grad[0]
-    need_y = need_gy and ctx.needs_input_grad[1]
-    if reduction == "none":
-        x, y, x_memory, y_memory, saved = ctx.saved_tensors
-        gx, gy = torch.ops.d2sm_ext.triton_d2sm_backward(
-            x, y, x_memory, y_memory, saved, grad_value, divergence, exclude_self, eps, tf32, need_x, need_y)
-        dx = gx.to(x.dtype) if need_x else None
-        dy = gy.to(y.dtype) if need_y else None
-    else:
-        gx, gy = ctx.saved_tensors
-        scale = grad_value.to(torch.float32)
-        dx = (gx * scale).to(grad_value.dtype) if need_x else None
-        dy = (gy * scale).to(grad_value.dtype) if need_y else None
-    return dx, dy, None, None, None, None, None, None, None, None, None
-
-
-triton_d2sm.register_autograd(_backward, setup_context=_setup_context)
+op_glue.register("d2sm_ext::triton_d2sm", "d2sm_ext::triton_d2sm_backward")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,15 +358,8 @@ def use_tf32(precision: str) -> bool:
 def d2sm_triton(x, y, divergence="kl", exclude_self=True, reduction="mean", eps=1e-8,
                 x_memory=None, y_memory=None, precision="auto"):
     """Same contract as ``d2sm_reference`` (inputs validated by ``d2sm_divergence``)."""
-    grad_on = torch.is_grad_enabled()
-    need_gx = grad_on and x.requires_grad
-    need_gy = grad_on and y.requires_grad
-    if x_memory is not None:
-        x_memory, y_memory = x_memory.detach(), y_memory.detach()
-    value, _, _, _ = torch.ops.d2sm_ext.triton_d2sm(
-        x, y, x_memory, y_memory, divergence, exclude_self, float(eps), use_tf32(precision), reduction,
-        need_gx, need_gy)
-    return value
+    return op_glue.call(torch.ops.d2sm_ext.triton_d2sm, x, y, divergence, exclude_self, reduction, eps,
+                        x_memory, y_memory, use_tf32(precision))
 
 
 def supports(device_type: str, dtype: torch.dtype) -> Optional[str]:

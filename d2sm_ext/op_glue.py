@@ -1,0 +1,103 @@
+"""What every fused backend's torch.library ops share: fake (meta) implementations, autograd,
+and the call from the backend registry.
+
+A fused backend provides two ops with these schemas (defined in Python with ``custom_op`` for
+Triton, in C++ with ``TORCH_LIBRARY`` for the extension):
+
+    forward(Tensor x, Tensor y, Tensor? x_memory, Tensor? y_memory, str divergence,
+            bool exclude_self, float eps, bool tf32, str reduction, bool need_gx, bool need_gy)
+        -> (Tensor value, Tensor saved, Tensor gx, Tensor gy)
+    backward(Tensor x, Tensor y, Tensor? x_memory, Tensor? y_memory, Tensor saved,
+             Tensor grad_rows, str divergence, bool exclude_self, float eps, bool tf32,
+             bool need_gx, bool need_gy) -> (Tensor gx, Tensor gy)
+
+``value`` is the reduced loss (or per-row values for "none") in x's dtype; ``saved`` holds six
+(B, M) row statistics (1/‖x‖, 1/‖y‖, A, B, ū, v̄) in the compute dtype; for "mean"/"sum" the
+forward also returns ∂value/∂x and ∂value/∂y (computed in the same pass; empty unless asked),
+so the backward only scales them by grad_output — no host sync. For "none" the backward op
+recomputes the tiles with the upstream gradient as row weights.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+EMPTY = (0,)
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _grad_shape(t: torch.Tensor, needed: bool):
+    return t.shape if needed else EMPTY
+
+
+def fake_forward(x, y, x_memory, y_memory, divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy):
+    bsz = x.shape[0] if x.ndim == 3 else 1
+    m = x.shape[-2] + (0 if x_memory is None else x_memory.shape[-2])
+    if reduction == "none":
+        value = x.new_empty((bsz, m) if x.ndim == 3 else (m,))
+    else:
+        value = x.new_empty(())
+    fused = reduction != "none"
+    cdt = compute_dtype(x)
+    return (value, x.new_empty((6, bsz, m), dtype=cdt),
+            x.new_empty(_grad_shape(x, need_gx and fused), dtype=cdt),
+            y.new_empty(_grad_shape(y, need_gy and fused), dtype=cdt))
+
+
+def fake_backward(x, y, x_memory, y_memory, saved, grad_rows, divergence, exclude_self, eps, tf32, need_gx, need_gy):
+    cdt = compute_dtype(x)
+    return (x.new_empty(_grad_shape(x, need_gx), dtype=cdt), y.new_empty(_grad_shape(y, need_gy), dtype=cdt))
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, x_memory, y_memory, divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy = inputs
+    _, saved, gx, gy = output
+    ctx.options = (divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy)
+    if reduction == "none":
+        ctx.save_for_backward(x, y, x_memory, y_memory, saved)
+    else:
+        ctx.save_for_backward(gx, gy)
+
+
+def _make_backward(backward_op: Callable):
+    def backward(ctx, grad_value, _grad_saved, _grad_gx, _grad_gy):
+        divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy = ctx.options
+        need_x = need_gx and ctx.needs_input_grad[0]
+        need_y = need_gy and ctx.needs_input_grad[1]
+        if reduction == "none":
+            x, y, x_memory, y_memory, saved = ctx.saved_tensors
+            gx, gy = backward_op(x, y, x_memory, y_memory, saved, grad_value, divergence, exclude_self, eps, tf32,
+                                 need_x, need_y)
+        else:
+            gx, gy = ctx.saved_tensors
+            scale = grad_value.to(gx.dtype)
+            gx, gy = gx * scale, gy * scale
+        dx = gx.to(grad_value.dtype) if need_x else None
+        dy = gy.to(grad_value.dtype) if need_y else None
+        return dx, dy, None, None, None, None, None, None, None, None, None
+    return backward
+
+
+def register(forward_name: str, backward_name: str) -> None:
+    """Fake implementations for both ops and the autograd formula of the forward op."""
+    torch.library.register_fake(forward_name, fake_forward)
+    torch.library.register_fake(backward_name, fake_backward)
+    namespace, name = backward_name.split("::")
+    backward_op = getattr(getattr(torch.ops, namespace), name)
+    torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
+
+
+def call(forward_op: Callable, x, y, divergence, exclude_self, reduction, eps, x_memory, y_memory, tf32: bool):
+    """Run a fused forward op the way the registry calls backends (same contract as the reference)."""
+    grad_on = torch.is_grad_enabled()
+    need_gx = grad_on and x.requires_grad
+    need_gy = grad_on and y.requires_grad
+    if x_memory is not None:
+        x_memory, y_memory = x_memory.detach(), y_memory.detach()
+    value, _, _, _ = forward_op(x, y, x_memory, y_memory, divergence, exclude_self, float(eps), tf32, reduction,
+                                need_gx, need_gy)
+    return value
