@@ -49,7 +49,7 @@ CPU_CONFIGS = [
     Config("queue", 64, 1280, q=4032),
     Config("issue-7 target", 4096, 512),
     Config("issue-7", 1024, 4096),
-    Config("issue-7", 16384, 256),
+    Config("issue-7", 16384, 256, compiled_baseline=False),
 ]
 SWEEP_M = {"cuda": [1024, 4096, 16384, 65536, 131072], "cpu": [256, 1024, 4096, 8192]}
 SWEEP_D = 1280

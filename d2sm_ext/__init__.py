@@ -14,6 +14,20 @@ def _reference_supports(device_type, dtype):
 register_backend("reference", d2sm_reference, _reference_supports, priority=0,
                  description="pure PyTorch with autograd, any device and dtype (the ground truth)")
 
+from . import cpp_backend as _cpp_backend  # noqa: E402  (before Triton: it defines the op namespace)
+
+if _cpp_backend.LOAD_ERROR is None:
+    register_backend("cpu", _cpp_backend.d2sm_cpu, _cpp_backend.supports, priority=5,
+                     description="fused C++ kernel (BLAS panels + parallel epilogue), CPU tensors")
+else:
+    import warnings
+
+    from .backends import mark_unavailable
+
+    mark_unavailable("cpu", _cpp_backend.LOAD_ERROR)
+    warnings.warn(f"d2sm_ext: backend 'cpu' unavailable, 'auto' uses the reference on CPU: {_cpp_backend.LOAD_ERROR}",
+                  RuntimeWarning, stacklevel=2)
+
 try:
     from . import triton_backend as _triton_backend
 except Exception as exc:  # Triton missing or broken: the rest of the package still works
@@ -22,8 +36,8 @@ except Exception as exc:  # Triton missing or broken: the rest of the package st
     mark_unavailable("triton", f"cannot import Triton: {type(exc).__name__}: {exc}")
 else:
     register_backend("triton", _triton_backend.d2sm_triton, _triton_backend.supports, priority=10,
-                     description="fused Triton kernels, O(M) extra memory (CUDA; CPU only under "
-                                 "TRITON_INTERPRET=1)", auto_device_types=("cuda",))
+                     description="fused Triton kernels: Gram tiles + fused epilogue, panel GEMM for the "
+                                 "gradient (CUDA; CPU only under TRITON_INTERPRET=1)", auto_device_types=("cuda",))
 
 from .loss import D2SMLoss  # noqa: E402  (uses the registry above)
 

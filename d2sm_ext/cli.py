@@ -60,8 +60,9 @@ def main(argv=None) -> int:
 
         if args.device == "cuda" and not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available here (use --device cpu)")
-        if args.crop < 32:
-            parser.error(f"--crop must be at least 32 (D2SM patches are crop/2), got {args.crop}")
+        if args.crop < 64:
+            parser.error(f"--crop must be at least 64 (D2SM patches are crop/2 and EfficientNet-Lite0 "
+                         f"needs 32×32 inputs), got {args.crop}")
         from .demo import DemoConfig, run_demo
 
         cfg = DemoConfig(steps=args.steps, batch=args.batch, crop=args.crop, sigma=args.sigma, weight=args.weight,

@@ -15,7 +15,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-m", "d2sm_ext", "demo", "--steps", "2", "--crop", "32", "--batch", "2",
+        [sys.executable, "-m", "d2sm_ext", "demo", "--steps", "2", "--crop", "64", "--batch", "2",
          "--test-images", "1", "--out", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -34,7 +34,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     (["demo", "--sigma", "300"], r"noise level is in \[0, 255\]"),
     (["demo", "--weight", "-1"], "weight must be >= 0"),
     (["demo", "--device", "tpu"], "invalid choice"),
-    (["demo", "--crop", "16"], "--crop must be at least 32"),
+    (["demo", "--crop", "32"], "--crop must be at least 64"),
     ([], "the following arguments are required: command"),
 ])
 def test_argument_errors(args, message, capsys):

@@ -1,0 +1,228 @@
+"""The C++ extension's "cpu" backend vs the reference, with the reference's own breadth:
+every divergence × exclude_self × reduction at several M and d, edge rows, batches, memory rows,
+non-contiguous and half inputs, gradcheck in float64, opcheck, torch.compile, determinism,
+and the CMake build of the same csrc/ loaded with torch.ops.load_library."""
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import d2sm_ext
+from backend_cases import (assert_f32_close, check_low_precision, check_parity, make_inputs, reference64,
+                           run_backend)
+from d2sm_ext import cpp_backend
+from d2sm_ext.reference import DIVERGENCES, REDUCTIONS, d2sm_reference
+from literal import literal_d2sm
+
+if cpp_backend.LOAD_ERROR is not None:
+    pytest.fail(f"the C++ extension must be built for the test suite: {cpp_backend.LOAD_ERROR}", pytrace=False)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMBOS = list(itertools.product(DIVERGENCES, (True, False), REDUCTIONS))
+SHAPES = [((2, 1), 0), ((3, 17, 5), 6), ((64, 300), 0), ((3, 3, 300), 64)]
+
+
+@pytest.mark.parametrize("shape,n_memory", SHAPES)
+@pytest.mark.parametrize("div,excl,red", COMBOS)
+def test_parity_float32(div, excl, red, shape, n_memory):
+    check_parity("cpu", shape, n_memory, div, excl, red, "cpu")
+
+
+@pytest.mark.parametrize("div,excl,red", COMBOS)
+def test_float64_matches_literal_and_reference(div, excl, red):
+    x = torch.randn(2, 9, 5, dtype=torch.float64)
+    y = x + torch.randn(2, 9, 5, dtype=torch.float64)
+    xm, ym = torch.randn(2, 4, 5, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    got = d2sm_ext.d2sm_divergence(x, y, div, excl, red, backend="cpu", x_memory=xm, y_memory=ym)
+    want = torch.tensor(literal_d2sm(x, y, div, excl, red, x_memory=xm, y_memory=ym), dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, d2sm_reference(x, y, div, excl, red, x_memory=xm, y_memory=ym),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+@pytest.mark.parametrize("excl", [True, False])
+@pytest.mark.parametrize("red", ["mean", "none"])
+def test_gradcheck_float64(div, excl, red):
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    xm = torch.randn(3, 4, dtype=torch.float64)
+    ym = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda a, b: d2sm_ext.d2sm_divergence(a, b, div, excl, red, backend="cpu", x_memory=xm, y_memory=ym), (x, y))
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+@pytest.mark.parametrize("excl", [True, False])
+def test_edge_rows(div, excl):
+    x, y, mem = make_inputs((9, 6), 4, "cpu", dtype=torch.float64)
+    with torch.no_grad():
+        x[0] = 0.0
+        y[3] = 0.0
+        x[1] = x[2]
+        y[4] = -y[5]
+        x[6] = -2.0 * x[7]
+        mem[0][1] = 0.0
+        mem[1][2] = -y[8]
+    for red in ("mean", "none"):
+        up = None if red == "mean" else torch.randn(13, dtype=torch.float64)
+        want, wgx, wgy = reference64(x, y, mem, div, excl, red, up)
+        got, gx, gy = run_backend("cpu", x, y, mem, div, excl, red, up)
+        # float64 end to end: the antipodal log-kernel is conditioned like 1e-16/eps = 1e-8
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(gx, wgx, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(gy, wgy, rtol=1e-6, atol=1e-9)
+        assert (gx[0] == 0).all() and (gy[3] == 0).all()
+
+
+def test_non_contiguous_inputs_and_memory():
+    base = torch.randn(2, 20, 33, 2)
+    x = base[..., 0].requires_grad_(True)
+    y = base[..., 1].requires_grad_(True)
+    mem_base = torch.randn(2, 33, 11, 2)
+    xm, ym = mem_base[..., 0].transpose(1, 2), mem_base[..., 1].transpose(1, 2)
+    for red in ("mean", "none"):
+        up = None if red == "mean" else torch.randn(2, 31)
+        want, wgx, wgy = reference64(x, y, (xm, ym), "js", True, red, up)
+        got, gx, gy = run_backend("cpu", x, y, (xm, ym), "js", True, red, up)
+        assert_f32_close(got, want, "value")
+        assert_f32_close(gx, wgx, "grad x")
+        assert_f32_close(gy, wgy, "grad y")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(dtype):
+    check_low_precision("cpu", (2, 40, 96), 24, "kl", True, "mean", "cpu", dtype)
+
+
+def test_memory_rows_get_no_gradient():
+    x = torch.randn(5, 8, requires_grad=True)
+    y = torch.randn(5, 8)
+    xm = torch.randn(30, 8, requires_grad=True)
+    ym = torch.randn(30, 8, requires_grad=True)
+    d2sm_ext.d2sm_divergence(x, y, backend="cpu", x_memory=xm, y_memory=ym).backward()
+    assert xm.grad is None and ym.grad is None and x.grad.abs().sum() > 0
+    # the forward op is asked for the live rows' gradient only, and none for y
+    out = torch.ops.d2sm_ext.fused_forward(x.detach(), y, xm.detach(), ym.detach(), "kl", True, 1e-8, False,
+                                           "mean", True, False)
+    assert out[2].shape == x.shape and out[3].numel() == 0
+
+
+def test_deterministic_and_threads():
+    x, y, mem = make_inputs((2, 300, 64), 100, "cpu")
+    runs = [run_backend("cpu", x, y, mem, "js", True, "mean") for _ in range(3)]
+    for out, gx, gy in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and torch.equal(gx, runs[0][1]) and torch.equal(gy, runs[0][2])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_backend("cpu", x, y, mem, "js", True, "mean")
+    finally:
+        torch.set_num_threads(threads)
+    assert_f32_close(one[0], runs[0][0].double(), "value with 1 thread")
+
+
+def test_opcheck():
+    x, y, mem = make_inputs((2, 6, 5), 3, "cpu")
+    for red, need in (("mean", True), ("none", False), ("sum", True)):
+        torch.library.opcheck(torch.ops.d2sm_ext.fused_forward.default,
+                              (x, y, mem[0], mem[1], "kl", True, 1e-8, False, red, need, need))
+    saved = torch.ops.d2sm_ext.fused_forward(x, y, mem[0], mem[1], "kl", True, 1e-8, False, "none", False, False)[1]
+    torch.library.opcheck(torch.ops.d2sm_ext.fused_backward.default,
+                          (x.detach(), y.detach(), mem[0], mem[1], saved, torch.randn(2, 9), "kl", True, 1e-8,
+                           False, True, True), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(8, 16)
+    xin, yfeat = torch.randn(12, 8), torch.randn(12, 16)
+
+    def step(inp):
+        return d2sm_ext.d2sm_divergence(net(inp), yfeat, divergence="symmetric_kl", backend="cpu")
+
+    eager = step(xin)
+    eager.backward()
+    g_eager = net.weight.grad.clone()
+    net.zero_grad()
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(xin)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(net.weight.grad, g_eager)
+
+
+def test_auto_picks_cpu_backend_for_cpu_tensors():
+    assert d2sm_ext.backends.resolve_backend("auto", "cpu", torch.float32).name == "cpu"
+    with pytest.raises(ValueError, match="backend 'cpu' cannot run.*CPU tensors only"):
+        d2sm_ext.d2sm_divergence(torch.randn(4, 3, device="meta"), torch.randn(4, 3, device="meta"), backend="cpu")
+
+
+def test_missing_extension_falls_back_with_one_warning():
+    code = ("import warnings, torch\nwarnings.simplefilter('always')\n"
+            "with warnings.catch_warnings(record=True) as w:\n    import d2sm_ext\n"
+            "print(len([x for x in w if 'unavailable' in str(x.message)]))\n"
+            "print(d2sm_ext.backends.resolve_backend('auto', 'cpu', torch.float32).name)\n"
+            "print('cpu' in d2sm_ext.unavailable_backends())\n")
+    env = dict(os.environ, D2SM_NO_EXTENSION="1", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "reference", "True"]
+
+
+def _cuda_hints():
+    """A CUDA build of torch makes find_package(Torch) look for the CUDA toolkit, even for a
+    CPU-only library. On these machines the toolkit keeps libraries under lib/ (not lib64/),
+    `nvcc` on PATH is a wrapper script, and nvrtc ships inside torch's nvidia wheels."""
+    if torch.version.cuda is None:
+        return []
+    import glob
+    import re
+
+    root = os.environ.get("CUDA_HOME")
+    nvcc = shutil.which("nvcc")
+    if root is None and nvcc:
+        with open(nvcc, "rb") as f:
+            head = f.read(4096)
+        match = re.search(rb"exec\s+(\S+)/bin/nvcc", head)
+        root = match.group(1).decode() if match else os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    hints = []
+    if root:
+        hints.append(f"-DCUDA_TOOLKIT_ROOT_DIR={root}")
+        for lib in ("lib64", "lib"):
+            if os.path.exists(os.path.join(root, lib, "libcudart.so")):
+                hints.append(f"-DCUDA_CUDART_LIBRARY={os.path.join(root, lib, 'libcudart.so')}")
+                break
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    nvrtc = sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libnvrtc.so*")))
+    if nvrtc:
+        hints.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc[0]}")
+    return hints
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_build_loads_with_load_library(tmp_path):
+    """CMakeLists.txt builds the same csrc/ against libtorch; the library loads and computes."""
+    import torch.utils
+
+    build = tmp_path / "build"
+    cfg = subprocess.run(["cmake", "-S", ROOT, "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                          f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+                          f"-DD2SM_PYTHON={sys.executable}"] + _cuda_hints(),
+                         capture_output=True, text=True, timeout=600)
+    assert cfg.returncode == 0, cfg.stdout[-3000:] + cfg.stderr[-3000:]
+    bld = subprocess.run(["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True, timeout=900)
+    assert bld.returncode == 0, bld.stdout[-3000:] + bld.stderr[-3000:]
+    libs = [p for p in build.rglob("libd2sm_ext_ops.so")]
+    assert libs, list(build.iterdir())
+    code = (f"import torch\ntorch.ops.load_library({str(libs[0])!r})\n"
+            "x = torch.randn(7, 5, dtype=torch.float64); y = torch.randn(7, 5, dtype=torch.float64)\n"
+            "v = torch.ops.d2sm_ext.fused_forward(x, y, None, None, 'kl', True, 1e-8, False, 'mean', False, False)[0]\n"
+            "from d2sm_ext.reference import d2sm_reference\n"
+            "torch.testing.assert_close(v, d2sm_reference(x, y), rtol=1e-10, atol=1e-12)\nprint('ok')\n")
+    env = dict(os.environ, D2SM_NO_EXTENSION="1", PYTHONPATH=ROOT)  # the CMake library, not d2sm_ext._C
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout[-2000:] + run.stderr[-3000:]
