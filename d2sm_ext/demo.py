@@ -36,12 +36,12 @@ TRAIN_SIGMA_MAX = 50
 
 @dataclass
 class DemoConfig:
-    steps: int = 300
+    steps: int = 1000
     batch: int = 4
     crop: int = 96
     lr: float = 1e-3
     sigma: float | None = None  # fixed training σ (/255); None draws σ ~ U[0, 50] per crop
-    weight: float = 10.0
+    weight: float = 1.0
     device: str = "cpu"
     seed: int = 0
     out: str = "demo_out"

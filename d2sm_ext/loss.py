@@ -17,6 +17,13 @@ being trained (the extractor itself is frozen). With a queue, the loss uses (liv
 history) and, in training mode, enqueues the batch afterwards (detached) — evaluation never
 changes the queue.
 
+Distributed training (DDP): by default, when a multi-rank process group is initialised, the
+queue enqueues the all-gathered batch (identical queues on every rank) and each rank's sample
+set is (its own live rows, global history); DDP's gradient averaging then yields the gradient of
+the mean of the per-rank losses. ``gather_live=True`` uses (all ranks' live rows, history) and
+rescales the local gradients so that DDP's average equals the single-process gradient on the
+concatenated batch (one extra all-gather of features per step). See d2sm_ext.distributed.
+
 Scale and default weight: the divergence is averaged per row (see ``d2sm_ext.functional``); the
 public code's number equals ours (reverse_kl, diagonal included) divided by M. ``weight``
 multiplies the divergence; its default 1.0 puts the D2SM term of a freshly initialised denoiser
@@ -29,6 +36,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from . import distributed as dist_helpers
 from .extractors import build_extractor
 from .functional import d2sm_divergence
 from .patches import extract_patches
@@ -56,6 +64,8 @@ class D2SMLoss(nn.Module):
         extractor_weights: Optional[str] = None,
         vgg_layer: str = "fc7",
         feature_dim: Optional[int] = None,
+        distributed: Optional[bool] = None,
+        gather_live: bool = False,
     ):
         super().__init__()
         if sampling not in SAMPLINGS:
@@ -78,6 +88,10 @@ class D2SMLoss(nn.Module):
         self.exclude_self = exclude_self
         self.eps = eps
         self.backend = backend
+        self.distributed = distributed  # None: follow torch.distributed (see d2sm_ext.distributed)
+        self.gather_live = gather_live
+        if gather_live and sampling == "internal":
+            raise ValueError("gather_live needs one shared sample set: sampling='pooled' or 'batch'")
         self.queue: Optional[FeatureQueue] = None
         if queue_size > 0:
             dim = feature_dim if feature_dim is not None else self._probe_feature_dim()
@@ -117,6 +131,12 @@ class D2SMLoss(nn.Module):
         if self.sampling == "pooled":
             fx, fy = fx.flatten(0, 1), fy.flatten(0, 1)
 
+        distributed = dist_helpers.resolve(self.distributed)
+        local_fx, local_fy = fx, fy
+        world = 1
+        if distributed and self.gather_live:
+            fx, world = dist_helpers.gather_live_rows(fx)
+            fy, _ = dist_helpers.all_gather_rows(fy)
         x_mem = y_mem = None
         if self.queue is not None:
             x_mem, y_mem = self.queue.memory()
@@ -127,5 +147,8 @@ class D2SMLoss(nn.Module):
                                reduction="mean", eps=self.eps, backend=self.backend,
                                x_memory=x_mem, y_memory=y_mem)
         if self.queue is not None and self.training:
-            self.queue.enqueue(fx.detach().to(self.queue.x_buffer.dtype), fy.to(self.queue.y_buffer.dtype))
+            self.queue.enqueue(local_fx.detach().to(self.queue.x_buffer.dtype),
+                               local_fy.to(self.queue.y_buffer.dtype), distributed=distributed)
+        if world > 1:
+            loss = dist_helpers.scale_local_gradient(loss, world)
         return self.weight * loss

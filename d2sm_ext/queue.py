@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import distributed as dist_helpers
+
 
 class FeatureQueue(nn.Module):
     """Ring buffers of ``size`` paired rows of ``dim`` features.
@@ -95,11 +97,16 @@ class FeatureQueue(nn.Module):
                 torch.roll(self.y_buffer, shift, dims=0).detach())
 
     @torch.no_grad()
-    def enqueue(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def enqueue(self, x: torch.Tensor, y: torch.Tensor, distributed: Optional[bool] = None, group=None) -> None:
         """Append the row pairs of ``x`` and ``y`` (N, dim) (or (..., dim), flattened) in order.
 
         Rows with any non-finite value in x or y are skipped; when more than ``size`` finite rows
-        arrive, only the newest ``size`` are kept. No host synchronisation.
+        arrive, only the newest ``size`` are kept. No host synchronisation beyond, under
+        torch.distributed, the all-gather itself.
+
+        distributed: None (default) all-gathers the batch from every rank (rank order) when a
+        multi-rank process group is initialised, so all ranks keep identical queues; True/False
+        forces it. Every rank must call enqueue (an empty batch is fine).
         """
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise TypeError("enqueue expects two tensors (restored, clean)")
@@ -115,6 +122,9 @@ class FeatureQueue(nn.Module):
             )
         x = x.detach().reshape(-1, self.dim).to(self.x_buffer.dtype)
         y = y.detach().reshape(-1, self.dim).to(self.y_buffer.dtype)
+        if dist_helpers.resolve(distributed, group):
+            both, _ = dist_helpers.all_gather_rows(torch.cat([x, y], dim=1), group)
+            x, y = both[:, :self.dim], both[:, self.dim:]
         if x.shape[0] == 0:
             return
         finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y).all(dim=1)

@@ -1,19 +1,21 @@
-"""Fused Triton backend: one streamed pass gives the per-row divergences and, for "mean"/"sum",
-the gradient; never an M×M (or N×M) matrix in memory.
+"""Fused Triton backend: Gram tiles with a fused epilogue give the per-row divergences and, for
+"mean"/"sum", the gradient weights in the same pass; never an M×M matrix in memory.
 
 Scheme (DESIGN §2 facts 1–5):
 
 1. O(M·d) pre-pass: inverse norms r_i, s = Σ_j x̂_j, and the closed-form normalisers
    A_i = |S_i|(½ + ε) + ½(x̂_i·s − [exclude_self]·‖x̂_i‖²) (B_i likewise from y).
-2. One pairwise pass (``triton_kernels.pair_kernel``): each program owns BM rows and streams all
-   M columns in BN-blocks; per tile it forms both Gram tiles (x and y) over d in BK-chunks,
-   the kernel values, and accumulates per row F_i = Σ_j f(p_ij, q_ij), ū_i = Σ_j p_ij u_ij and
-   v̄_i = Σ_j q_ij v_ij. For live row blocks that need a gradient it also forms
-   W_ij = α_i u_ij + α_j u_ji (α = w/A, u = ∂f/∂p; likewise for y) and adds W·r_J·X_J into the
-   gradient rows it owns, streamed over d. w (the upstream weight of each row) is known before
-   the pass for "mean"/"sum" (a constant; the backward only scales by grad_output, as in
-   Liger-Kernel) — for "none" it is grad_output itself, so the same kernel runs again in the
-   backward with COMPUTE_STATS off.
+2. Pairwise pass over panels of R rows (``triton_kernels.pair_panel_kernel``): a program owns BM
+   rows of the panel and a range of BN-column tiles (the column "split" gives the grid enough
+   programs for small M); per tile it forms both Gram tiles (x and y) over d in BK-chunks with
+   tensor-core dots, the kernel values, and accumulates per row F_i = Σ_j f(p_ij, q_ij),
+   ū_i = Σ_j p_ij u_ij, v̄_i = Σ_j q_ij v_ij (partial per split, summed in a fixed order after).
+   For live rows that need a gradient it writes W'_ij = (α_i u_ij + α_j u_ji)·r_j (α = w/A,
+   u = ∂f/∂p; likewise for y) into an R×M fp32 panel, and ``panel_grad_kernel`` (a GEMM over
+   the M sample rows, live and memory tensors read in place) gives the pairwise gradient sums of
+   the panel's rows. w (the upstream weight of each row) is known before the pass for
+   "mean"/"sum" (a constant; the backward only scales by grad_output, as in Liger-Kernel); for
+   "none" it is grad_output itself, so the pass runs again in the backward with COMPUTE_STATS off.
 3. O(M·d) finish: ∂L/∂x̂_k = ½ G_k − ½ α_k ū_k (s − [excl]x̂_k) − ½ (t − [excl] α_k ū_k x̂_k) with
    t = Σ_j α_j ū_j x̂_j, then through the normalisation: ∂L/∂x_k = r_k (g_k − x̂_k (x̂_k·g_k)).
 
@@ -22,23 +24,29 @@ F(p_i·) through both a_ij and A_i = Σ_j a_ij is ∂F/∂a_ij = (u_ij − ū_i)
 a_ij = a_ji depends on x̂_i and x̂_j, ∂L/∂x̂_k = ½ Σ_{j∈S_k} (E_kj + E_jk) x̂_j with E_ij = w_i ∂F_i/∂a_ij;
 the ū parts factor into step 3's O(M·d) terms.
 
+Why panels and not one streamed pass: the first version streamed all columns per row block and
+accumulated the BM×d gradient rows in place (a read-modify-write of N×d fp32 per column block,
+and only M/BM programs). On an H100 it ran 5–10× slower than the eager reference
+(benchmarks/results/2026-11-26-h100-run1). The panel keeps both products GEMM-shaped with the
+whole grid busy, at the price of an R×M fp32 scratch panel bounded by D2SM_PANEL_MB (default
+512 MiB; R adapts to M, so memory stays O(M) for a fixed budget).
+
 Cost per call (M = N + Q rows, N live, d features; FLOPs of the matmul-shaped work):
-forward statistics 4·M²·d (two Gram matrices, each tile computed by its row owner: the symmetric
-half is not reused, because reusing it would need cross-program reductions of the row
-statistics and of d-wide gradient rows, i.e. atomics or O(M/BM·M·d) scratch); gradient
-2·N·M·d for x and 2·N·M·d for y when y requires grad (fused into the same pass: no Gram
-recomputation). Reduction "none" recomputes the Gram tiles of the live rows in its backward:
-+4·N·M·d. Bytes: inputs re-read once per row block from L2/HBM (M/BM passes over the
-M×d inputs), plus one read-modify-write of the BM×d gradient rows per column block
-(M/BN passes over N×d fp32). Extra memory: O(M) fp32 row statistics and the (N, d) fp32
+statistics 4·M²·d (two Gram matrices; the symmetric half is not reused — a tile (I, J) would
+have to feed row J's statistics and W' column from another program: atomics or a second
+pass); gradient 2·N·M·d for x and 2·N·M·d for y when y requires grad (no Gram recomputation in
+the fused "mean"/"sum" path). Reduction "none" recomputes the live rows' Gram tiles in its
+backward: +4·N·M·d. Bytes beyond the GEMM operand reads: the W' panel written once and read
+once per (d/BN) column block of the gradient GEMM (R×M fp32 per panel and gradient), plus
+O(M) statistics. Extra memory: O(M) fp32 row statistics, the W' panels, the (N, d) fp32
 gradient buffers.
 
 Precision: row statistics and all accumulations are fp32. float32 inputs use IEEE fp32 dots or
 TF32 tensor-core dots (``precision``: "ieee", "tf32", or "auto" = follow
 ``torch.get_float32_matmul_precision()``); float16/bfloat16 inputs use fp16/bf16 tensor-core
-dots with fp32 accumulation, and the gradient weights W are rounded to the input dtype for the
-gradient product. Results are deterministic: every output element is written by one program,
-with a fixed loop order, no atomics.
+dots with fp32 accumulation, and W' is rounded to the input dtype for the gradient GEMM.
+Results are deterministic: every output element is written by one program with a fixed loop
+order, the split partials are summed in a fixed order, no atomics.
 """
 from __future__ import annotations
 

@@ -1,0 +1,64 @@
+"""torch.distributed helpers: all-gathering feature rows of different lengths per rank.
+
+Semantics used by FeatureQueue and D2SMLoss under DDP (README "Distributed training"):
+
+* The queue enqueues the all-gathered batch (rank 0's rows, then rank 1's, …), so every rank
+  holds the same history after every step, and a rank-0 checkpoint loads on any world size.
+* The loss's sample set is (this rank's live rows, global history) by default: each rank's loss
+  is the D2SM of its own batch against the shared history, and DDP's gradient averaging gives
+  the gradient of the mean of the per-rank losses. With ``gather_live=True`` the sample set is
+  (all ranks' live rows, history): the value is the same on every rank, gradients flow only into
+  the local rows, and they are scaled by the world size so that DDP's average equals the
+  gradient of the single-process loss on the concatenated batch.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def active(group=None) -> bool:
+    """A process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def all_gather_rows(t: torch.Tensor, group=None) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate every rank's (n_r, ...) rows in rank order; n_r may differ and may be 0.
+
+    Two collectives: the row counts (read on the host — the padding needs them), then the rows
+    padded to the largest count. No gradient flows through the result.
+    """
+    world = dist.get_world_size(group)
+    count = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    sizes = [int(c) for c in counts]
+    padded = t.new_zeros((max(sizes),) + tuple(t.shape[1:]))
+    padded[: t.shape[0]] = t.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sizes
+
+
+def gather_live_rows(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
+    """All ranks' rows with this rank's slice replaced by ``x`` itself (keeps its autograd graph).
+
+    Returns (rows, world size)."""
+    rows, sizes = all_gather_rows(x, group)
+    rank = dist.get_rank(group)
+    start = sum(sizes[:rank])
+    rows = torch.cat([rows[:start], x, rows[start + sizes[rank]:]])
+    return rows, len(sizes)
+
+
+def scale_local_gradient(loss: torch.Tensor, world: int) -> torch.Tensor:
+    """Same value, gradient × world: undoes DDP's averaging for a loss whose gradient each rank
+    only partly holds (its own rows)."""
+    return loss * world - (loss * (world - 1)).detach()
+
+
+def resolve(flag: Optional[bool], group=None) -> bool:
+    """``None``: distributed exactly when a multi-rank process group is initialised."""
+    return active(group) if flag is None else bool(flag)

@@ -1,0 +1,88 @@
+"""Worker for tests/test_distributed.py: one rank of a 2-process gloo group on CPU.
+
+Each rank writes what the parent test compares into OUT/rank{r}.pt.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from d2sm_ext import D2SMLoss, FeatureQueue
+
+
+def tiny_extractor():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(2))
+
+
+def tiny_denoiser():
+    torch.manual_seed(2)  # no BatchNorm: per-rank batch statistics would break the equivalence
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1))
+
+
+def images(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 12, 12, generator=g)
+
+
+SHARDS = {0: (100, 3), 1: (101, 2)}  # uneven per-rank batches (seed, images)
+
+
+def prefilled_loss(gather_live):
+    crit = D2SMLoss(extractor=tiny_extractor(), sampling="batch", queue_size=8, gather_live=gather_live)
+    g = torch.Generator().manual_seed(7)
+    crit.queue.enqueue(torch.randn(5, crit.queue.dim, generator=g), torch.randn(5, crit.queue.dim, generator=g),
+                       distributed=False)
+    return crit
+
+
+def run(rank, world, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        result = {}
+        # 1. queue: uneven batches, an empty batch, a non-finite row
+        q = FeatureQueue(size=6, dim=2)
+        if rank == 0:
+            q.enqueue(torch.tensor([[0.0, 0], [1, 1], [2, 2]]), torch.zeros(3, 2))
+            q.enqueue(torch.tensor([[5.0, 5]]), torch.zeros(1, 2))
+        else:
+            q.enqueue(torch.zeros(0, 2), torch.zeros(0, 2))
+            q.enqueue(torch.tensor([[6.0, 6], [float("nan"), 0]]), torch.zeros(2, 2))
+        result["queue"] = q.history()[0]
+
+        # 2. loss + DDP gradients, both semantics
+        for gather_live in (False, True):
+            net = nn.parallel.DistributedDataParallel(tiny_denoiser())
+            crit = prefilled_loss(gather_live)
+            seed, n = SHARDS[rank]
+            clean = images(seed, n)
+            noisy = clean + 0.1 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed + 50))
+            loss = crit(noisy + net(noisy), clean)
+            loss.backward()
+            result[f"grads_{gather_live}"] = [p.grad.clone() for p in net.parameters()]
+            result[f"loss_{gather_live}"] = loss.detach()
+            result[f"queue_{gather_live}"] = crit.queue.history()[0]
+            if rank == 0:
+                result[f"state_{gather_live}"] = crit.state_dict()
+
+        # 3. a DDP-wrapped denoiser trained 3 steps with L1 + D2SM
+        net = nn.parallel.DistributedDataParallel(tiny_denoiser())
+        crit = D2SMLoss(extractor=tiny_extractor(), sampling="pooled", patch_size=8, stride=4, queue_size=32)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        losses = []
+        for step in range(3):
+            clean = images(200 + 10 * step + rank, 2)
+            noisy = clean + 0.1 * torch.randn_like(clean)
+            restored = noisy + net(noisy)
+            loss = (restored - clean).abs().mean() + crit(restored, clean)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        result["train_losses"] = losses
+        result["train_queue"] = crit.queue.history()[0]
+        result["train_params"] = [p.detach().clone() for p in net.parameters()]
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
