@@ -162,31 +162,39 @@ static inline float log_t(float x) {
 }
 static inline double log_t(double x) { return std::log(x); }
 
-// Per-problem column arrays (length M) used by the panel epilogue, in the compute type.
+// Per-row arrays (B, M), row-major, used by the panel epilogue, in the compute type.
 template <typename T>
 struct Columns {
   const T *rx, *ry, *inv_a, *inv_b, *log_ba, *w_a, *w_b;  // log_ba = log(B/A), w_a = w/A, w_b = w/B
+  Columns shifted(int64_t by) const {
+    return {rx + by, ry + by, inv_a + by, inv_b + by, log_ba + by, w_a + by, w_b + by};
+  }
 };
 
-// The epilogue over a panel: rows [0, rows) of the panel are sample rows offset + i; sx/sy hold
-// the raw Gram panel (rows × M, live columns then memory columns) and are overwritten with W'
-// when gradients are wanted. Pair terms in T (fp32 for float inputs, like the Triton kernel),
+// The epilogue over a panel of bc problems × nr rows: panel row (k, i) is sample row row0 + i of
+// problem b0 + k; sx/sy hold the raw Gram panel (bc·nr × M, live columns then memory columns)
+// and are overwritten with W' when gradients are wanted. Pair terms in T (fp32 for float inputs, like the Triton kernel),
 // row sums in double; the j loop is branch-free (selects) so that it vectorises.
 // Logs are taken of well-conditioned quantities: log(p/q) = log(K'/K) + log(B_i/A_i) (both
 // terms small or exact per row) instead of log p − log q (two ~log M numbers that cancel).
 template <typename T, int DIV>
-static void panel_epilogue(T* sx, T* sy, int64_t rows, int64_t offset, int64_t M, const Columns<T>& c,
-                           bool exclude_self, double eps_d, bool want_stats, bool grad_x, bool grad_y,
-                           T* f_out, T* pu_out, T* qv_out) {
+static void panel_epilogue(T* sx, T* sy, int64_t bc, int64_t nr, int64_t b0, int64_t row0, int64_t M,
+                           const Columns<T>& all, bool exclude_self, double eps_d, bool want_stats, bool grad_x,
+                           bool grad_y, T* f_all, T* pu_all, T* qv_all) {
   const T eps = T(eps_d), half = T(0.5), zero = T(0), one = T(1), two = T(2);
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t gi = offset + i;
+  at::parallel_for(0, bc * nr, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = b0 + row / nr, i = row % nr;
+      const Columns<T> c = all.shifted(b * M);
+      T* f_out = want_stats ? f_all + b * M : nullptr;
+      T* pu_out = want_stats ? pu_all + b * M : nullptr;
+      T* qv_out = want_stats ? qv_all + b * M : nullptr;
+      const int64_t gi = row0 + i;
       const int64_t skip = exclude_self ? gi : -1;
       const T rxi = c.rx[gi], ryi = c.ry[gi], log_ba_i = c.log_ba[gi];
       const T inv_ai = c.inv_a[gi], inv_bi = c.inv_b[gi], alpha_i = c.w_a[gi], beta_i = c.w_b[gi];
-      T* __restrict__ row_x = sx + i * M;
-      T* __restrict__ row_y = sy + i * M;
+      T* __restrict__ row_x = sx + row * M;
+      T* __restrict__ row_y = sy + row * M;
       double f = 0, pu = 0, qv = 0;
 #pragma omp simd reduction(+ : f, pu, qv)
       for (int64_t j = 0; j < M; ++j) {
@@ -249,92 +257,127 @@ static void panel_epilogue(T* sx, T* sy, int64_t rows, int64_t offset, int64_t M
 }
 
 template <typename T>
-static void dispatch_epilogue(int div, T* sx, T* sy, int64_t rows, int64_t offset, int64_t M, const Columns<T>& c,
-                              bool exclude_self, double eps, bool want_stats, bool gx, bool gy, T* f, T* pu, T* qv) {
+static void dispatch_epilogue(int div, T* sx, T* sy, int64_t bc, int64_t nr, int64_t b0, int64_t row0, int64_t M,
+                              const Columns<T>& c, bool excl, double eps, bool stats, bool gx, bool gy, T* f, T* pu,
+                              T* qv) {
   switch (div) {
-    case KL: return panel_epilogue<T, KL>(sx, sy, rows, offset, M, c, exclude_self, eps, want_stats, gx, gy, f, pu, qv);
+    case KL: return panel_epilogue<T, KL>(sx, sy, bc, nr, b0, row0, M, c, excl, eps, stats, gx, gy, f, pu, qv);
     case REVERSE_KL:
-      return panel_epilogue<T, REVERSE_KL>(sx, sy, rows, offset, M, c, exclude_self, eps, want_stats, gx, gy, f, pu, qv);
+      return panel_epilogue<T, REVERSE_KL>(sx, sy, bc, nr, b0, row0, M, c, excl, eps, stats, gx, gy, f, pu, qv);
     case SYMMETRIC_KL:
-      return panel_epilogue<T, SYMMETRIC_KL>(sx, sy, rows, offset, M, c, exclude_self, eps, want_stats, gx, gy, f, pu, qv);
-    default: return panel_epilogue<T, JS>(sx, sy, rows, offset, M, c, exclude_self, eps, want_stats, gx, gy, f, pu, qv);
+      return panel_epilogue<T, SYMMETRIC_KL>(sx, sy, bc, nr, b0, row0, M, c, excl, eps, stats, gx, gy, f, pu, qv);
+    default: return panel_epilogue<T, JS>(sx, sy, bc, nr, b0, row0, M, c, excl, eps, stats, gx, gy, f, pu, qv);
   }
 }
 
-// Raw Gram panel rows × M of `rows_x` (rows × d) against both segments, into `out` (rows × M).
-static void gram_panel(const Problem& p, bool is_y, int64_t b, const Tensor& rows_x, const Tensor& out) {
-  // mm into column slices of the panel: BLAS writes the strided views directly (ldc = M).
-  Tensor head = out.narrow(1, 0, p.N);
-  at::mm_out(head, rows_x, segment(p, is_y, false)[b].t());
+// Raw Gram panel (bc, nr, M) of `rows_x` (bc, nr, d) against both segments of problems b0…b0+bc.
+static void gram_panel(const Problem& p, bool is_y, int64_t b0, int64_t bc, const Tensor& rows_x, const Tensor& out) {
+  // bmm into column slices of the panel: BLAS writes the strided views directly (ldc = M).
+  Tensor head = out.narrow(2, 0, p.N);
+  at::bmm_out(head, rows_x, segment(p, is_y, false).narrow(0, b0, bc).transpose(1, 2));
   if (p.Q) {
-    Tensor tail = out.narrow(1, p.N, p.Q);
-    at::mm_out(tail, rows_x, segment(p, is_y, true)[b].t());
+    Tensor tail = out.narrow(2, p.N, p.Q);
+    at::bmm_out(tail, rows_x, segment(p, is_y, true).narrow(0, b0, bc).transpose(1, 2));
   }
 }
 
-static void grad_panel(const Problem& p, bool is_y, int64_t b, const Tensor& w_panel, Tensor g_rows) {
-  at::mm_out(g_rows, w_panel.narrow(1, 0, p.N), segment(p, is_y, false)[b]);
-  if (p.Q) g_rows.add_(at::mm(w_panel.narrow(1, p.N, p.Q), segment(p, is_y, true)[b]));
+static void grad_panel(const Problem& p, bool is_y, int64_t b0, int64_t bc, const Tensor& w_panel, Tensor g_rows) {
+  at::bmm_out(g_rows, w_panel.narrow(2, 0, p.N), segment(p, is_y, false).narrow(0, b0, bc));
+  if (p.Q) g_rows.add_(at::bmm(w_panel.narrow(2, p.N, p.Q), segment(p, is_y, true).narrow(0, b0, bc)));
 }
 
-static int64_t panel_rows(int64_t M, int64_t rows, int n_panels) {
-  const int64_t budget = int64_t(64) << 20;  // bytes for the two R×M panels
-  int64_t r = budget / std::max<int64_t>(M * 8 * std::max(n_panels, 1), 1);
-  return std::min(rows, std::max<int64_t>(r, 16));
+// Panel rows: the two (rows × M) panels stay within 64 MiB; small problems are batched so that a
+// panel holds several whole problems (one bmm per chunk instead of a GEMM call per problem).
+static int64_t panel_rows(int64_t M, int64_t element_size) {
+  const int64_t budget = int64_t(64) << 20;
+  return std::max<int64_t>(budget / std::max<int64_t>(2 * M * element_size, 1), 16);
 }
 
-// Pairwise pass over all problems. Returns stats (3, B, M) [F, ū, v̄] when want_stats; adds the
-// pairwise gradient sums into gx/gy (B, N, d) when defined.
+// Pairwise pass over all problems. Returns stats (3, B, M) [F, ū, v̄] when want_stats; writes the
+// pairwise gradient sums of the live rows into gx/gy (B, N, d) when they are defined.
 static Tensor pair_pass(const Problem& p, const RowStats& st, const Tensor& w, int div, bool exclude_self, double eps,
                         bool want_stats, Tensor gx, Tensor gy) {
   const auto opts = p.x.options();
   Tensor stats = want_stats ? at::zeros({3, p.B, p.M}, opts) : Tensor();
-  const int64_t R = panel_rows(p.M, std::max(p.N, p.Q), 2);
-  Tensor sx = at::empty({R, p.M}, opts), sy = at::empty({R, p.M}, opts);
+  const int64_t R = panel_rows(p.M, p.x.element_size());
   // 1/A, 1/B, log(B/A) (in double: a per-row constant that must not cancel), w/A, w/B (B, M each).
   Tensor log_ba = (st.b.to(at::kDouble) / st.a.to(at::kDouble)).log().to(p.dtype);
   Tensor cols = at::stack({st.a.reciprocal(), st.b.reciprocal(), log_ba, w / st.a, w / st.b}).contiguous();
-  for (int64_t b = 0; b < p.B; ++b) {
-    for (int seg = 0; seg < (want_stats && p.Q ? 2 : 1); ++seg) {
-      const bool memory = seg == 1;
-      const int64_t rows = memory ? p.Q : p.N, offset = memory ? p.N : 0;
-      for (int64_t r0 = 0; r0 < rows; r0 += R) {
-        const int64_t nr = std::min(R, rows - r0);
-        Tensor px = sx.narrow(0, 0, nr), py = sy.narrow(0, 0, nr);
-        gram_panel(p, false, b, segment(p, false, memory)[b].narrow(0, r0, nr), px);
-        gram_panel(p, true, b, segment(p, true, memory)[b].narrow(0, r0, nr), py);
-        const bool gx_here = !memory && gx.defined(), gy_here = !memory && gy.defined();
+  for (int seg = 0; seg < (want_stats && p.Q ? 2 : 1); ++seg) {
+    const bool memory = seg == 1;
+    const int64_t rows = memory ? p.Q : p.N, offset = memory ? p.N : 0;
+    if (rows == 0) continue;
+    const int64_t nr_max = std::min(R, rows);
+    const int64_t bc_max = std::max<int64_t>(1, std::min(p.B, R / nr_max));
+    Tensor sx = at::empty({bc_max, nr_max, p.M}, opts), sy = at::empty({bc_max, nr_max, p.M}, opts);
+    const bool gx_here = !memory && gx.defined(), gy_here = !memory && gy.defined();
+    for (int64_t b0 = 0; b0 < p.B; b0 += bc_max) {
+      const int64_t bc = std::min(bc_max, p.B - b0);
+      for (int64_t r0 = 0; r0 < rows; r0 += nr_max) {
+        const int64_t nr = std::min(nr_max, rows - r0);
+        Tensor px = sx.narrow(0, 0, bc).narrow(1, 0, nr), py = sy.narrow(0, 0, bc).narrow(1, 0, nr);
+        if (nr < nr_max) {  // keep the panel contiguous: (bc, nr, M) views of the buffer's start
+          px = sx.view(-1).narrow(0, 0, bc * nr * p.M).view({bc, nr, p.M});
+          py = sy.view(-1).narrow(0, 0, bc * nr * p.M).view({bc, nr, p.M});
+        }
+        gram_panel(p, false, b0, bc, segment(p, false, memory).narrow(0, b0, bc).narrow(1, r0, nr), px);
+        gram_panel(p, true, b0, bc, segment(p, true, memory).narrow(0, b0, bc).narrow(1, r0, nr), py);
         AT_DISPATCH_FLOATING_TYPES(p.dtype, "d2sm_panel_epilogue", [&] {
-          Columns<scalar_t> c{st.rx[b].data_ptr<scalar_t>(), st.ry[b].data_ptr<scalar_t>(),
-                              cols[0][b].data_ptr<scalar_t>(), cols[1][b].data_ptr<scalar_t>(),
-                              cols[2][b].data_ptr<scalar_t>(), cols[3][b].data_ptr<scalar_t>(),
-                              cols[4][b].data_ptr<scalar_t>()};
-          scalar_t* f = want_stats ? stats[0][b].data_ptr<scalar_t>() : nullptr;
-          scalar_t* pu = want_stats ? stats[1][b].data_ptr<scalar_t>() : nullptr;
-          scalar_t* qv = want_stats ? stats[2][b].data_ptr<scalar_t>() : nullptr;
-          dispatch_epilogue<scalar_t>(div, px.data_ptr<scalar_t>(), py.data_ptr<scalar_t>(), nr, offset + r0, p.M, c,
-                                      exclude_self, eps, want_stats, gx_here, gy_here, f, pu, qv);
+          Columns<scalar_t> c{st.rx.data_ptr<scalar_t>(), st.ry.data_ptr<scalar_t>(), cols[0].data_ptr<scalar_t>(),
+                              cols[1].data_ptr<scalar_t>(), cols[2].data_ptr<scalar_t>(), cols[3].data_ptr<scalar_t>(),
+                              cols[4].data_ptr<scalar_t>()};
+          scalar_t* f = want_stats ? stats[0].data_ptr<scalar_t>() : nullptr;
+          scalar_t* pu = want_stats ? stats[1].data_ptr<scalar_t>() : nullptr;
+          scalar_t* qv = want_stats ? stats[2].data_ptr<scalar_t>() : nullptr;
+          dispatch_epilogue<scalar_t>(div, px.data_ptr<scalar_t>(), py.data_ptr<scalar_t>(), bc, nr, b0, offset + r0,
+                                      p.M, c, exclude_self, eps, want_stats, gx_here, gy_here, f, pu, qv);
         });
-        if (gx_here) grad_panel(p, false, b, px, gx[b].narrow(0, r0, nr));
-        if (gy_here) grad_panel(p, true, b, py, gy[b].narrow(0, r0, nr));
+        if (gx_here) grad_panel(p, false, b0, bc, px, gx.narrow(0, b0, bc).narrow(1, r0, nr));
+        if (gy_here) grad_panel(p, true, b0, bc, py, gy.narrow(0, b0, bc).narrow(1, r0, nr));
       }
     }
   }
   return stats;
 }
 
-// Step 3: ∂L/∂x from the pairwise sums (see d2sm_ext/triton_backend.py for the derivation).
-static Tensor finish_grad(const Problem& p, bool is_y, const Tensor& pairwise, const Tensor& r, const Tensor& norm,
+// Step 3: ∂L/∂x from the pairwise sums (see d2sm_ext/triton_backend.py for the derivation), in
+// place and in one pass per row: g = ½G − ½c·s − ½t (+ c·x̂ with exclude_self), c = α ū, then
+// ∂L/∂x = r (g − x̂ (x̂·g)). `pairwise` (B, N, d) is overwritten with the result.
+static Tensor finish_grad(const Problem& p, bool is_y, Tensor pairwise, const Tensor& r, const Tensor& norm,
                           const Tensor& w, const Tensor& bar, const Tensor& s, bool exclude_self) {
-  Tensor coef = w / norm * bar;                    // α_j ū_j (B, M)
-  Tensor t = weighted_rows(p, is_y, coef * r);     // Σ_j α_j ū_j x̂_j (B, d)
+  Tensor coef = (w / norm * bar).contiguous();                      // α_j ū_j (B, M)
+  Tensor t = weighted_rows(p, is_y, coef * r).contiguous();         // Σ_j α_j ū_j x̂_j (B, d)
   Tensor live = segment(p, is_y, false);
-  Tensor rr = r.narrow(1, 0, p.N).unsqueeze(2);
-  Tensor xh = live * rr;
-  Tensor c = coef.narrow(1, 0, p.N).unsqueeze(2);
-  Tensor g = 0.5 * pairwise - 0.5 * c * s.unsqueeze(1) - 0.5 * t.unsqueeze(1);
-  if (exclude_self) g = g + c * xh;
-  return rr * (g - xh * (xh * g).sum(-1, true));
+  Tensor s_c = s.contiguous();
+  const int64_t N = p.N, D = p.D, M = p.M;
+  AT_DISPATCH_FLOATING_TYPES(p.dtype, "d2sm_finish_grad", [&] {
+    scalar_t* g_all = pairwise.data_ptr<scalar_t>();
+    const scalar_t* x_all = live.data_ptr<scalar_t>();
+    const scalar_t *r_all = r.data_ptr<scalar_t>(), *c_all = coef.data_ptr<scalar_t>();
+    const scalar_t *s_all = s_c.data_ptr<scalar_t>(), *t_all = t.data_ptr<scalar_t>();
+    at::parallel_for(0, p.B * N, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / N, k = row % N;
+        scalar_t* g = g_all + row * D;
+        const scalar_t* x = x_all + row * D;
+        const scalar_t* sb = s_all + b * D;
+        const scalar_t* tb = t_all + b * D;
+        const scalar_t rk = r_all[b * M + k], ck = c_all[b * M + k];
+        const scalar_t self = exclude_self ? ck * rk : scalar_t(0);
+        double dot = 0;  // x̂·g
+        _Pragma("omp simd reduction(+ : dot)")  // _Pragma: this code sits inside a macro argument
+        for (int64_t j = 0; j < D; ++j) {
+          const scalar_t v = scalar_t(0.5) * (g[j] - ck * sb[j] - tb[j]) + self * x[j];
+          g[j] = v;
+          dot += double(v) * double(x[j] * rk);
+        }
+        const scalar_t dk = scalar_t(dot);
+        _Pragma("omp simd")
+        for (int64_t j = 0; j < D; ++j) g[j] = rk * (g[j] - (x[j] * rk) * dk);
+      }
+    });
+  });
+  return pairwise;
 }
 
 static Tensor grad_or_empty(const Tensor& g, const Tensor& like, at::ScalarType dtype) {
@@ -345,8 +388,9 @@ static Tensor grad_or_empty(const Tensor& g, const Tensor& like, at::ScalarType 
 static std::tuple<Tensor, Tensor> gradients(const Problem& p, const RowStats& st, const Tensor& w, int div,
                                             bool exclude_self, double eps, bool need_gx, bool need_gy,
                                             bool want_stats, const Tensor& pu, const Tensor& qv, Tensor* stats_out) {
-  Tensor gx = need_gx ? at::zeros({p.B, p.N, p.D}, p.x.options()) : Tensor();
-  Tensor gy = need_gy ? at::zeros({p.B, p.N, p.D}, p.x.options()) : Tensor();
+  // every row is written exactly once by its panel's bmm: no zero fill needed
+  Tensor gx = need_gx ? at::empty({p.B, p.N, p.D}, p.x.options()) : Tensor();
+  Tensor gy = need_gy ? at::empty({p.B, p.N, p.D}, p.x.options()) : Tensor();
   Tensor stats = pair_pass(p, st, w, div, exclude_self, eps, want_stats, gx, gy);
   if (stats_out) *stats_out = stats;
   Tensor ubar = want_stats ? stats[1] : pu, vbar = want_stats ? stats[2] : qv;

@@ -26,8 +26,9 @@ concatenated batch (one extra all-gather of features per step). See d2sm_ext.dis
 
 Scale and default weight: the divergence is averaged per row (see ``d2sm_ext.functional``); the
 public code's number equals ours (reverse_kl, diagonal included) divided by M. ``weight``
-multiplies the divergence; its default 1.0 puts the D2SM term of a freshly initialised denoiser
-near an L1 loss on [0, 1] images in size (both ~1e-2); see the README's demo for a weight sweep.
+multiplies the divergence. Measured in the demo (EfficientNet-Lite0, 9 patches of 48² per
+crop): the kl term is ~3e-3–5e-3 while L1 on [0, 1] images falls from 0.1 to 0.03, so the
+default 1.0 makes D2SM a ~10% regulariser; weight 10 let it dominate and cost 3–5 dB PSNR.
 """
 from __future__ import annotations
 

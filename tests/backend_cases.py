@@ -31,6 +31,21 @@ def make_inputs(shape, n_memory, device, dtype=torch.float32, y_grad=True, seed=
     return x, y, mem
 
 
+def edge_inputs(device, dtype=torch.float32):
+    """9 live + 4 memory rows with zero rows (x0, y3, x-memory 1), duplicated rows (x1 = x2) and
+    antipodal pairs (y4/y5, x6/x7, y8 / y-memory 2 = global row 11)."""
+    x, y, mem = make_inputs((9, 6), 4, device, dtype=dtype)
+    with torch.no_grad():
+        x[0] = 0.0
+        y[3] = 0.0
+        x[1] = x[2]
+        y[4] = -y[5]
+        x[6] = -2.0 * x[7]
+        mem[0][1] = 0.0
+        mem[1][2] = -y[8]
+    return x, y, mem
+
+
 def reference64(x, y, mem, div, excl, red, upstream=None, eps=1e-8):
     """float64 reference value and gradients (into x and y)."""
     xd = x.detach().double().cpu().requires_grad_(True)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import d2sm_ext
-from backend_cases import (assert_f32_close, check_low_precision, check_parity, make_inputs, reference64,
-                           run_backend)
+from backend_cases import (assert_f32_close, check_low_precision, check_parity, edge_inputs, make_inputs,
+                           reference64, run_backend)
 from d2sm_ext import cpp_backend
 from d2sm_ext.reference import DIVERGENCES, REDUCTIONS, d2sm_reference
 from literal import literal_d2sm
@@ -59,15 +59,7 @@ def test_gradcheck_float64(div, excl, red):
 @pytest.mark.parametrize("div", DIVERGENCES)
 @pytest.mark.parametrize("excl", [True, False])
 def test_edge_rows(div, excl):
-    x, y, mem = make_inputs((9, 6), 4, "cpu", dtype=torch.float64)
-    with torch.no_grad():
-        x[0] = 0.0
-        y[3] = 0.0
-        x[1] = x[2]
-        y[4] = -y[5]
-        x[6] = -2.0 * x[7]
-        mem[0][1] = 0.0
-        mem[1][2] = -y[8]
+    x, y, mem = edge_inputs("cpu", torch.float64)
     for red in ("mean", "none"):
         up = None if red == "mean" else torch.randn(13, dtype=torch.float64)
         want, wgx, wgy = reference64(x, y, mem, div, excl, red, up)

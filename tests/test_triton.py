@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import d2sm_ext
-from backend_cases import (assert_f32_close, check_low_precision, check_parity, make_inputs, reference64,
-                           run_backend)
+from backend_cases import (assert_f32_close, check_low_precision, check_parity, edge_inputs, make_inputs,
+                           reference64, run_backend)
 from d2sm_ext.backends import resolve_backend
 from d2sm_ext.reference import DIVERGENCES, REDUCTIONS
 
@@ -43,19 +43,6 @@ def test_parity_multi_block(div, excl, red, shape, n_memory, device):
     check_parity("triton", shape, n_memory, div, excl, red, device)
 
 
-def _edge_inputs(device):
-    x, y, mem = make_inputs((9, 6), 4, device)
-    with torch.no_grad():
-        x[0] = 0.0
-        y[3] = 0.0
-        x[1] = x[2]
-        y[4] = -y[5]
-        x[6] = -2.0 * x[7]
-        mem[0][1] = 0.0
-        mem[1][2] = -y[8]
-    return x, y, mem
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("div", DIVERGENCES)
 @pytest.mark.parametrize("excl", [True, False])
@@ -66,7 +53,7 @@ def test_edge_rows(div, excl, device):
     rounding of 1 + cos is ~6e-8, so with eps well above that the log-kernel is well conditioned
     and float32 tolerances apply. The default eps is covered by the next test.
     """
-    x, y, mem = _edge_inputs(device)
+    x, y, mem = edge_inputs(device)
     for red in ("mean", "none"):
         up = None if red == "mean" else torch.randn(13)
         want, wgx, wgy = reference64(x, y, mem, div, excl, red, up, eps=1e-3)
@@ -83,7 +70,7 @@ def test_edge_rows_default_eps_finite(div, device):
     """With eps = 1e-8, below float32's ~6e-8 rounding of 1 + cos, an antipodal pair's log-kernel
     is ill-conditioned for any float32 code (which of 1e-8 or 7e-8 you get is rounding luck).
     Everything must stay finite, and the rows with no antipodal partner must stay accurate."""
-    x, y, mem = _edge_inputs(device)
+    x, y, mem = edge_inputs(device)
     want, _, _ = reference64(x, y, mem, div, True, "none", torch.ones(13))
     got, gx, gy = run_backend("triton", x, y, mem, div, True, "none", torch.ones(13))
     assert torch.isfinite(got).all() and torch.isfinite(gx).all() and torch.isfinite(gy).all()
