@@ -69,21 +69,18 @@ def make_inputs(cfg: Config, device: str, requires_grad: bool = True, seed: int 
     return x, y, xm, ym
 
 
-_COMPILED: dict = {}
-
-
-def _compiled_reference():
-    if "ref" not in _COMPILED:
-        _COMPILED["ref"] = torch.compile(d2sm_reference, dynamic=False)
-    return _COMPILED["ref"]
-
-
 def runner(backend: str) -> Callable:
-    """A callable (x, y, xm, ym) -> scalar loss for a backend name or a baseline."""
+    """A callable (x, y, xm, ym) -> scalar loss for a backend name or a baseline.
+
+    "reference+compile" compiles afresh for each call of runner() after resetting Dynamo: one
+    shared compiled function would hit Dynamo's recompile limit after a few shapes and silently
+    fall back to eager (seen: a "compiled" row as slow as eager)."""
     if backend == "reference":
         return lambda x, y, xm, ym: d2sm_reference(x, y, x_memory=xm, y_memory=ym)
     if backend == "reference+compile":
-        return lambda x, y, xm, ym: _compiled_reference()(x, y, x_memory=xm, y_memory=ym)
+        torch._dynamo.reset()
+        compiled = torch.compile(d2sm_reference, dynamic=False)
+        return lambda x, y, xm, ym: compiled(x, y, x_memory=xm, y_memory=ym)
     return lambda x, y, xm, ym: d2sm_ext.d2sm_divergence(x, y, backend=backend, x_memory=xm, y_memory=ym)
 
 
