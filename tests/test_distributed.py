@@ -8,7 +8,6 @@ Equivalence (what "the same as single-process" means here):
   batch (rank 0's images, then rank 1's) with the same history.
 The queue after a step holds the same rows on every rank: the all-gathered batch, rank order.
 """
-import os
 
 import pytest
 import torch
