@@ -66,23 +66,30 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _tiles_from_env(name: str) -> Optional[dict]:
+    """Tile override "BM,BN,BK,num_warps,num_stages" from environment variable ``name`` (tuning)."""
+    env = os.environ.get(name)
+    if not env:
+        return None
+    bm, bn, bk, warps, stages = (int(v) for v in env.split(","))
+    return dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+
+
 def _config(device: torch.device) -> dict:
-    """Tile sizes. Override with D2SM_TRITON_CONFIG="BM,BN,BK,num_warps,num_stages" (tuning)."""
-    env = os.environ.get("D2SM_TRITON_CONFIG")
-    if env:
-        bm, bn, bk, warps, stages = (int(v) for v in env.split(","))
-        return dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    """Tiles of the Gram+epilogue kernel (D2SM_TRITON_CONFIG overrides)."""
+    override = _tiles_from_env("D2SM_TRITON_CONFIG")
+    if override:
+        return override
     if device.type == "cpu":  # interpreter: fewer, larger numpy ops are faster
         return dict(BM=64, BN=64, BK=128, num_warps=1, num_stages=1)
     return dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3)
 
 
 def _grad_config(device: torch.device) -> dict:
-    """Tiles of the panel GEMM (D2SM_TRITON_GRAD_CONFIG overrides, same format)."""
-    env = os.environ.get("D2SM_TRITON_GRAD_CONFIG")
-    if env:
-        bm, bn, bk, warps, stages = (int(v) for v in env.split(","))
-        return dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    """Tiles of the panel GEMM (D2SM_TRITON_GRAD_CONFIG overrides)."""
+    override = _tiles_from_env("D2SM_TRITON_GRAD_CONFIG")
+    if override:
+        return override
     if device.type == "cpu":
         return dict(BM=64, BN=128, BK=64, num_warps=1, num_stages=1)
     return dict(BM=128, BN=128, BK=32, num_warps=8, num_stages=3)
@@ -197,6 +204,7 @@ def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
         raise ValueError(f"the triton backend handles at most {_MAX_GRID_Y} problems per call, got B={bsz}; "
                          f"split the batch")
     cfg = _config(x.device)
+    gcfg = _grad_config(x.device)
     bm, bn_, bk = cfg["BM"], cfg["BN"], cfg["BK"]
     xm_, ym_ = (x, y) if xm is None else (xm, ym)  # Q = 0: the memory pointers are never read
     stats = torch.empty(3, bsz, m, dtype=torch.float32, device=x.device) if compute_stats else None
@@ -240,7 +248,6 @@ def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
                 if w_panel is None:
                     continue
                 g_rows = g[:, r0:r1]
-                gcfg = _grad_config(x.device)
                 grid = (triton_cdiv(r1 - r0, gcfg["BM"]), triton_cdiv(d, gcfg["BN"]), bsz)
                 K.panel_grad_kernel[grid](
                     w_panel, panel, r1 - r0,

@@ -95,6 +95,24 @@ def check_parity(backend, shape, n_memory, div, excl, red, device, seed=0):
     assert_f32_close(gy, wgy, "grad y")
 
 
+def check_non_contiguous(backend, device, div):
+    """Strided x (d-stride 2), permuted-stride y, transposed memory rows (d-stride 22): values
+    and gradients vs float64, for "mean" and "none"."""
+    base = torch.randn(2, 20, 33, 2, device=device)
+    x = base[..., 0].requires_grad_(True)
+    y = base[..., 1].transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
+    mem_base = torch.randn(2, 33, 11, 2, device=device)
+    xm, ym = mem_base[..., 0].transpose(1, 2), mem_base[..., 1].transpose(1, 2)  # (2, 11, 33)
+    assert not x.is_contiguous() and not y.is_contiguous() and not xm.is_contiguous()
+    for red in ("mean", "none"):
+        up = None if red == "mean" else torch.randn(2, 31)
+        want, wgx, wgy = reference64(x, y, (xm, ym), div, True, red, up)
+        got, gx, gy = run_backend(backend, x, y, (xm, ym), div, True, red, up)
+        assert_f32_close(got, want, "value")
+        assert_f32_close(gx, wgx, "grad x")
+        assert_f32_close(gy, wgy, "grad y")
+
+
 def check_low_precision(backend, shape, n_memory, div, excl, red, device, dtype):
     """flash-attention's rule: error(kernel, dtype) <= 2 × error(plain PyTorch in dtype)."""
     x, y, mem = make_inputs(shape, n_memory, device, dtype=dtype)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import d2sm_ext
-from backend_cases import (assert_f32_close, check_low_precision, check_parity, edge_inputs, make_inputs,
-                           reference64, run_backend)
+from backend_cases import (assert_f32_close, check_low_precision, check_non_contiguous, check_parity, edge_inputs,
+                           make_inputs, reference64, run_backend)
 from d2sm_ext import cpp_backend
 from d2sm_ext.reference import DIVERGENCES, REDUCTIONS, d2sm_reference
 from literal import literal_d2sm
@@ -72,18 +72,7 @@ def test_edge_rows(div, excl):
 
 
 def test_non_contiguous_inputs_and_memory():
-    base = torch.randn(2, 20, 33, 2)
-    x = base[..., 0].requires_grad_(True)
-    y = base[..., 1].requires_grad_(True)
-    mem_base = torch.randn(2, 33, 11, 2)
-    xm, ym = mem_base[..., 0].transpose(1, 2), mem_base[..., 1].transpose(1, 2)
-    for red in ("mean", "none"):
-        up = None if red == "mean" else torch.randn(2, 31)
-        want, wgx, wgy = reference64(x, y, (xm, ym), "js", True, red, up)
-        got, gx, gy = run_backend("cpu", x, y, (xm, ym), "js", True, red, up)
-        assert_f32_close(got, want, "value")
-        assert_f32_close(gx, wgx, "grad x")
-        assert_f32_close(gy, wgy, "grad y")
+    check_non_contiguous("cpu", "cpu", "js")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

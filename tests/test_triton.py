@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import d2sm_ext
-from backend_cases import (assert_f32_close, check_low_precision, check_parity, edge_inputs, make_inputs,
-                           reference64, run_backend)
+from backend_cases import (assert_f32_close, check_low_precision, check_non_contiguous, check_parity, edge_inputs,
+                           make_inputs, reference64, run_backend)
 from d2sm_ext.backends import resolve_backend
 from d2sm_ext.reference import DIVERGENCES, REDUCTIONS
 
@@ -81,19 +81,7 @@ def test_edge_rows_default_eps_finite(div, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_inputs_and_memory(device):
-    base = torch.randn(2, 20, 33, 2, device=device)
-    x = base[..., 0].requires_grad_(True)         # stride 2 along d
-    y = base[..., 1].transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)  # permuted strides
-    mem_base = torch.randn(2, 33, 11, 2, device=device)
-    xm, ym = mem_base[..., 0].transpose(1, 2), mem_base[..., 1].transpose(1, 2)  # (2, 11, 33), d-stride 22
-    assert not x.is_contiguous() and not xm.is_contiguous()
-    for red in ("mean", "none"):
-        up = None if red == "mean" else torch.randn(2, 31)
-        want, wgx, wgy = reference64(x, y, (xm, ym), "kl", True, red, up)
-        got, gx, gy = run_backend("triton", x, y, (xm, ym), "kl", True, red, up)
-        assert_f32_close(got, want, "value")
-        assert_f32_close(gx, wgx, "grad x")
-        assert_f32_close(gy, wgy, "grad y")
+    check_non_contiguous("triton", device, "kl")
 
 
 @pytest.mark.parametrize("device", DEVICES)
