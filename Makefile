@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test demo bench clean
 
-$(STAMP): pyproject.toml setup.py csrc/d2sm.cpp
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip "setuptools>=64" wheel ninja
 	$(VPY) -m pip install --quiet "$(TORCH_SPEC)"

@@ -1,15 +1,33 @@
-"""Build script: the C++ extension ``d2sm_ext._C`` (op schemas + fused CPU kernel, csrc/).
+"""Build script: the C++/CUDA extension ``d2sm_ext._C`` (op schemas + fused kernels, csrc/).
 
     pip install --no-build-isolation -e .        # torch must be installed first
 
+The CUDA kernels (csrc/d2sm_cuda.cu) are compiled whenever a CUDA toolkit is found — decided on
+the toolkit, not on a visible GPU, so that CI without a GPU still compiles them. The toolkit is
+$CUDA_HOME (or $CUDA_PATH), else the one behind the `nvcc` on PATH; when that nvcc is a wrapper
+script that execs another nvcc, the wrapped toolkit is used (DESIGN §5; tools/cuda_toolkit.py).
+Where torch is a CPU-only build or its CUDA major version differs from the toolkit's (which
+torch.utils.cpp_extension refuses), the CPU kernels are built alone and the reason is printed.
+
 Environment switches (the habits of pytorch/extension-cpp and flash-attention):
-  D2SM_SKIP_EXTENSION=1   build no extension (pure Python; the cpu backend is then unavailable)
+  D2SM_SKIP_EXTENSION=1   build no extension (pure Python; backends cpu/cuda are then unavailable)
+  D2SM_SKIP_CUDA=1        build the CPU kernels only, even where a toolkit exists
+  TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0" when no GPU is visible; with a GPU,
+                          torch's default: the visible cards' archs)
   D2SM_CPU_FLAGS="..."    instruction-set flags for the CPU kernel (default: -mavx2 -mfma when the
                           build machine has AVX2, else none); the extension runs where it was built
   DEBUG=1                 -O0 -g
   MAX_JOBS=N              parallel compile jobs (ninja)
 """
 import os
+import sys
+
+from setuptools import setup
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
+from cuda_toolkit import cuda_build_blocker, find_cuda_home, library_dir  # noqa: E402
+
+DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100, H100/H200: every-arch builds take far too long here
 
 
 def _cpu_flags():
@@ -22,18 +40,37 @@ def _cpu_flags():
         return []
     return ["-mavx2", "-mfma"] if (" avx2" in info and " fma" in info) else []
 
-from setuptools import setup
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("D2SM_SKIP_EXTENSION", "0") != "1":
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    import torch
+
+    blocker = cuda_build_blocker(torch.version.cuda)
+    cuda_home = find_cuda_home() if blocker is None else None
+    if cuda_home is not None:
+        os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it (at import)
+    else:
+        print(f"d2sm_ext: building the CPU kernels only: {blocker}", file=sys.stderr)
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     debug = os.environ.get("DEBUG", "0") == "1"
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += _cpu_flags() + ["-fopenmp"]  # the C++ standard is the one torch.utils.cpp_extension picks; -fopenmp: at::parallel_for is OpenMP-based in PyTorch builds
-    ext_modules.append(CppExtension(
-        "d2sm_ext._C", ["csrc/d2sm.cpp"], extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
-        py_limited_api=False))
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # -fopenmp: at::parallel_for is OpenMP-based in PyTorch builds; the C++ standard is the one
+    # torch.utils.cpp_extension picks.
+    cxx = opt + _cpu_flags() + ["-fopenmp"]
+    common = dict(extra_link_args=["-fopenmp"], py_limited_api=False)
+    if cuda_home is not None:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        ext_modules.append(CUDAExtension(
+            "d2sm_ext._C", ["csrc/d2sm.cpp", "csrc/d2sm_cuda.cu"],
+            define_macros=[("D2SM_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": opt + ["-lineinfo"]},
+            library_dirs=[library_dir(cuda_home)],  # torch adds lib64/ only; some toolkits use lib/
+            **common))
+    else:
+        ext_modules.append(CppExtension(
+            "d2sm_ext._C", ["csrc/d2sm.cpp"], extra_compile_args={"cxx": cxx}, **common))
     cmdclass = {"build_ext": BuildExtension}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

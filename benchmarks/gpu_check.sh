@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One-shot GPU check (DESIGN §5 machine: torch 2.11, triton 3.6, Python 3.12, no network).
 #   benchmarks/gpu_check.sh OUTDIR
-# Builds the C++/CUDA extension when csrc/ exists, runs the GPU tests (triton vs the reference
-# on CUDA tensors, fp32/fp16/bf16, gradients), tries a few Triton tile configurations, runs the
-# comparison benchmark, and prints a short table last. Everything it writes goes under OUTDIR;
+# Builds the C++/CUDA extension (setup.py; CUDA kernels when the toolkit matches torch's CUDA),
+# runs the GPU tests (the "cuda" and "triton" backends vs the reference on CUDA tensors,
+# fp32/tf32/fp16/bf16/fp64, gradients), tries a few Triton tile configurations, runs the
+# comparison benchmark (every usable backend), and prints a short table last. Everything it writes goes under OUTDIR;
 # each stage has its own time limit so that the whole script ends in under 6 minutes
 # (seen 2026-11-26 on an H100: 3 min for the benchmark stages, 80 s for the tests).
 set -uo pipefail
@@ -21,18 +22,19 @@ stage "environment"
   $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/env.txt"
 
-if [ -d csrc ] && ls csrc/*.cpp >/dev/null 2>&1; then
-  stage "build extension (sm_90)"
-  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
-    timeout 240 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1 \
-    && echo "build ok" || { echo "BUILD FAILED (see build.log)"; tail -30 "$OUT/build.log"; }
-fi
+stage "build extension (sm_90)"
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+  timeout 240 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1 \
+  && echo "build ok" || { echo "BUILD FAILED (see build.log)"; tail -30 "$OUT/build.log"; }
+grep "building the CPU kernels only" "$OUT/build.log"
+$PY -c "import d2sm_ext; print('backends:', list(d2sm_ext.available_backends()), d2sm_ext.unavailable_backends())"
 
 stage "GPU tests"
 # GPU_TESTS: test files; GPU_TESTS_K: a pytest -k expression (kept separate: it has spaces).
-# Default selection: all Triton tests but the 3-shape parity grid only on one shape (compiles
-# every divergence × exclude_self × reduction variant once; ~80 s on an H100 with 12 workers).
-GPU_TESTS=${GPU_TESTS:-tests/test_triton.py}
+# Default selection: all CUDA-backend tests, and all Triton tests but the 3-shape parity grid
+# only on one shape (compiles every divergence × exclude_self × reduction variant once; ~80 s on
+# an H100 with 12 workers for the Triton part).
+GPU_TESTS=${GPU_TESTS:-tests/test_cuda.py tests/test_cuda_gpu.py tests/test_triton.py}
 GPU_TESTS_K=${GPU_TESTS_K-not parity_small or shape1}
 XDIST=""; [ "${TEST_WORKERS:-12}" != "0" ] && XDIST="-n ${TEST_WORKERS:-12}"  # pytest-xdist: compile in parallel
 timeout ${TEST_TIMEOUT:-150} $PY -m pytest -q -x -p no:cacheprovider $XDIST $GPU_TESTS -k "$GPU_TESTS_K" \

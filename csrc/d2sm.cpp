@@ -1,4 +1,6 @@
-// d2sm_ext C++ extension: op schemas (TORCH_LIBRARY) and the fused CPU kernel.
+// d2sm_ext C++ extension: op schemas (TORCH_LIBRARY), the device-generic driver of the fused
+// pass, and its CPU kernels (the CUDA kernels are in d2sm_cuda.cu; the per-pair math both share
+// is csrc/pair_math.h).
 //
 // The math is DESIGN §2; the scheme is the one of the Triton backend (d2sm_ext/triton_backend.py):
 //   1. O(M·d): inverse norms r, s = Σ_j x̂_j, closed-form normalisers A_i, B_i.
@@ -9,13 +11,23 @@
 //      overwrites the Gram panel with W'_ij = (α_i u_ij + α_j u_ji)·r_j; a third BLAS product
 //      W'·X gives the pairwise gradient sums of the panel's rows.
 //   3. O(M·d): the remaining gradient terms and the normalisation backward.
-// Extra memory: O(M) statistics, the R×M panels (R bounded so they stay ≤ 64 MiB), and O(N·d)
-// gradient temporaries. Deterministic for a given thread count: every output element has one
-// writer and a fixed summation order (BLAS included, for a fixed thread count).
+// Extra memory: O(M) statistics, the R×M panels (R bounded so they stay ≤ 64 MiB on CPU,
+// 256 MiB on CUDA), and O(N·d) gradient temporaries (plus, on CUDA with fp16/bf16 inputs, an fp32
+// copy of the rows for the O(M·d) steps). Deterministic for a given thread count: every output
+// element has one writer and a fixed summation order (BLAS included, for a fixed thread count; on
+// CUDA, cuBLAS is deterministic for a fixed stream and workspace config, and our reductions are
+// fixed trees).
+//
+// Precision: the Gram and gradient GEMMs run in the input dtype — fp64, fp32 (TF32 tensor cores
+// on CUDA only when the op's `tf32` flag says so), fp16/bf16 with fp32 output on CUDA (tensor
+// cores, fp32 accumulation); on CPU half inputs are computed in fp32. Everything else is in the
+// compute dtype (fp32 for fp32/half inputs, fp64 for fp64) with row sums in fp64 on CPU and in
+// the compute dtype's accumulate type on CUDA (fixed-order tree).
 #include <Python.h>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,6 +36,9 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+
+#include "d2sm.h"
+#include "pair_math.h"
 
 extern "C" {
 // `import d2sm_ext._C` loads this library (and with it the TORCH_LIBRARY registrations below).
@@ -37,8 +52,6 @@ namespace d2sm_ext {
 
 using at::Tensor;
 
-enum Divergence { KL = 0, REVERSE_KL = 1, SYMMETRIC_KL = 2, JS = 3 };
-
 static int divergence_code(const std::string& name) {
   if (name == "kl") return KL;
   if (name == "reverse_kl") return REVERSE_KL;
@@ -47,11 +60,15 @@ static int divergence_code(const std::string& name) {
   TORCH_CHECK(false, "divergence must be kl, reverse_kl, symmetric_kl or js, got ", name);
 }
 
-// Inputs as (B, rows, d) tensors in the compute dtype (float32 for half types).
+// Inputs as (B, rows, d) tensors. x/y/xm/ym are in the compute dtype (fp32 for fp32 and half
+// inputs, fp64 for fp64) and feed the O(M·d) steps; the *_mm tensors feed the GEMMs: the same
+// tensors, except for fp16/bf16 on CUDA, where they keep the input dtype (tensor cores).
 struct Problem {
   Tensor x, y, xm, ym;  // xm/ym undefined when there are no memory rows
+  Tensor x_mm, y_mm, xm_mm, ym_mm;
   int64_t B, N, Q, M, D;
-  at::ScalarType dtype;
+  at::ScalarType dtype;     // compute dtype
+  at::ScalarType mm_dtype;  // GEMM operand dtype
 };
 
 static Tensor as3d(const Tensor& t, at::ScalarType dtype) {
@@ -64,18 +81,27 @@ static Problem prepare(const Tensor& x, const Tensor& y, const std::optional<Ten
   TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "x must be (M, d) or (B, M, d), got ", x.sizes());
   TORCH_CHECK(x.sizes() == y.sizes(), "x and y must have the same shape, got ", x.sizes(), " and ", y.sizes());
   TORCH_CHECK(x.is_floating_point() && x.scalar_type() == y.scalar_type(), "x and y: same floating dtype");
+  TORCH_CHECK(x.device() == y.device(), "x and y must be on the same device");
   TORCH_CHECK(xm.has_value() == ym.has_value(), "x_memory and y_memory must be given together");
   Problem p;
-  p.dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  p.x = as3d(x, p.dtype);
-  p.y = as3d(y, p.dtype);
+  const at::ScalarType in = x.scalar_type();
+  p.dtype = in == at::kDouble ? at::kDouble : at::kFloat;
+  const bool half_mm = x.is_cuda() && (in == at::kHalf || in == at::kBFloat16);
+  p.mm_dtype = half_mm ? in : p.dtype;
+  auto load = [&](const Tensor& t, Tensor& compute, Tensor& mm) {
+    mm = as3d(t, p.mm_dtype);
+    compute = half_mm ? mm.to(p.dtype) : mm;
+  };
+  load(x, p.x, p.x_mm);
+  load(y, p.y, p.y_mm);
   p.B = p.x.size(0);
   p.N = p.x.size(1);
   p.D = p.x.size(2);
   p.Q = 0;
   if (xm.has_value() && xm->numel() > 0) {
-    p.xm = as3d(*xm, p.dtype);
-    p.ym = as3d(*ym, p.dtype);
+    TORCH_CHECK(xm->device() == x.device() && ym->device() == x.device(), "memory rows must be on x's device");
+    load(*xm, p.xm, p.xm_mm);
+    load(*ym, p.ym, p.ym_mm);
     TORCH_CHECK(p.xm.size(0) == p.B && p.xm.size(2) == p.D && p.xm.sizes() == p.ym.sizes(),
                 "memory rows must be (Q, d) or (B, Q, d) matching x");
     p.Q = p.xm.size(1);
@@ -88,6 +114,12 @@ static Problem prepare(const Tensor& x, const Tensor& y, const std::optional<Ten
 static Tensor segment(const Problem& p, bool is_y, bool memory) {
   if (memory) return is_y ? p.ym : p.xm;
   return is_y ? p.y : p.x;
+}
+
+// The same rows as GEMM operands.
+static Tensor mm_segment(const Problem& p, bool is_y, bool memory) {
+  if (memory) return is_y ? p.ym_mm : p.xm_mm;
+  return is_y ? p.y_mm : p.x_mm;
 }
 
 static Tensor inv_norms(const Problem& p, bool is_y) {
@@ -132,9 +164,9 @@ static RowStats row_statistics(const Problem& p, bool exclude_self, double eps) 
   return st;
 }
 
-// log for the epilogue: Cephes' single-precision polynomial (≈1 ulp on normal positive inputs)
-// written without branches or library calls so that the compiler vectorises the pair loop;
-// std::log for double (the float64 path is for gradcheck, not speed).
+// log for the CPU epilogue: Cephes' single-precision polynomial (≈1 ulp on normal positive
+// inputs) written without branches or library calls so that the compiler vectorises the pair
+// loop; std::log for double (the float64 path is for gradcheck, not speed).
 static inline float log_t(float x) {
   int32_t ix;
   std::memcpy(&ix, &x, sizeof ix);
@@ -162,134 +194,98 @@ static inline float log_t(float x) {
 }
 static inline double log_t(double x) { return std::log(x); }
 
-// Per-row arrays (B, M), row-major, used by the panel epilogue, in the compute type.
-template <typename T>
-struct Columns {
-  const T *rx, *ry, *inv_a, *inv_b, *log_ba, *w_a, *w_b;  // log_ba = log(B/A), w_a = w/A, w_b = w/B
-  Columns shifted(int64_t by) const {
-    return {rx + by, ry + by, inv_a + by, inv_b + by, log_ba + by, w_a + by, w_b + by};
-  }
+struct VectorLog {
+  template <typename T>
+  T operator()(T x) const { return log_t(x); }
 };
 
-// The epilogue over a panel of bc problems × nr rows: panel row (k, i) is sample row row0 + i of
-// problem b0 + k; sx/sy hold the raw Gram panel (bc·nr × M, live columns then memory columns)
-// and are overwritten with W' when gradients are wanted. Pair terms in T (fp32 for float inputs, like the Triton kernel),
-// row sums in double; the j loop is branch-free (selects) so that it vectorises.
-// Logs are taken of well-conditioned quantities: log(p/q) = log(K'/K) + log(B_i/A_i) (both
-// terms small or exact per row) instead of log p − log q (two ~log M numbers that cancel).
+// CPU epilogue: one task per panel row; the j loop is branch-free so that it vectorises; row sums
+// in double. Pair terms in T (fp32 for float inputs, like the Triton and CUDA kernels).
 template <typename T, int DIV>
-static void panel_epilogue(T* sx, T* sy, int64_t bc, int64_t nr, int64_t b0, int64_t row0, int64_t M,
-                           const Columns<T>& all, bool exclude_self, double eps_d, bool want_stats, bool grad_x,
-                           bool grad_y, T* f_all, T* pu_all, T* qv_all) {
-  const T eps = T(eps_d), half = T(0.5), zero = T(0), one = T(1), two = T(2);
+static void panel_epilogue_rows(T* sx, T* sy, int64_t bc, int64_t nr, int64_t b0, int64_t row0, int64_t M,
+                                const Columns<T>& all, bool exclude_self, double eps_d, bool grad_x, bool grad_y,
+                                T* f_all, T* pu_all, T* qv_all) {
+  const T eps = T(eps_d);
+  const bool want_stats = f_all != nullptr;
   at::parallel_for(0, bc * nr, 8, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = b0 + row / nr, i = row % nr;
+      const int64_t b = b0 + row / nr, gi = row0 + row % nr;
       const Columns<T> c = all.shifted(b * M);
-      T* f_out = want_stats ? f_all + b * M : nullptr;
-      T* pu_out = want_stats ? pu_all + b * M : nullptr;
-      T* qv_out = want_stats ? qv_all + b * M : nullptr;
-      const int64_t gi = row0 + i;
+      const RowConstants<T> ri = RowConstants<T>::load(c, gi);
       const int64_t skip = exclude_self ? gi : -1;
-      const T rxi = c.rx[gi], ryi = c.ry[gi], log_ba_i = c.log_ba[gi];
-      const T inv_ai = c.inv_a[gi], inv_bi = c.inv_b[gi], alpha_i = c.w_a[gi], beta_i = c.w_b[gi];
       T* __restrict__ row_x = sx + row * M;
       T* __restrict__ row_y = sy + row * M;
       double f = 0, pu = 0, qv = 0;
 #pragma omp simd reduction(+ : f, pu, qv)
       for (int64_t j = 0; j < M; ++j) {
-        const bool keep = j != skip;
-        const T ka = std::max(half + half * (row_x[j] * rxi * c.rx[j]), zero) + eps;
-        const T kb = std::max(half + half * (row_y[j] * ryi * c.ry[j]), zero) + eps;
-        const bool pos = ka > zero && kb > zero;  // false only with eps = 0 and antipodal rows
-        const T lab = pos ? log_t(pos ? ka / kb : one) : zero;  // log(K'/K)
-        const T p = ka * inv_ai, q = kb * inv_bi;
-        const T lpq = lab + log_ba_i;  // log(p_ij / q_ij)
-        if (want_stats) {
-          T tf, tpu, tqv;
-          if constexpr (DIV == KL) {
-            tf = p > zero ? p * lpq : zero; tpu = tf; tqv = -p;
-          } else if constexpr (DIV == REVERSE_KL) {
-            tf = q > zero ? -q * lpq : zero; tpu = -q; tqv = tf;
-          } else if constexpr (DIV == SYMMETRIC_KL) {
-            tf = half * (p - q) * lpq;
-            tpu = half * ((p > zero ? p * lpq : zero) - q);
-            tqv = half * ((q > zero ? -q * lpq : zero) - p);
-          } else {
-            const T s = p + q;
-            const T lpm = p > zero ? log_t(p > zero ? two * p / s : one) : zero;  // log(p/m)
-            const T lqm = q > zero ? log_t(q > zero ? two * q / s : one) : zero;  // log(q/m)
-            tpu = half * p * lpm;
-            tqv = half * q * lqm;
-            tf = tpu + tqv;
-          }
-          f += keep ? double(tf) : 0.0;
-          pu += keep ? double(tpu) : 0.0;
-          qv += keep ? double(tqv) : 0.0;
-        }
-        if (grad_x || grad_y) {
-          // Row i's weights (u_ij, v_ij) and, as K' and K are symmetric, column j's (u_ji, v_ji).
-          const T pj = ka * c.inv_a[j], qj = kb * c.inv_b[j];
-          const T lpq_j = lab + c.log_ba[j];
-          T u_ij, v_ij, u_ji, v_ji;
-          if constexpr (DIV == KL) {
-            u_ij = lpq; v_ij = -p / q; u_ji = lpq_j; v_ji = -pj / qj;
-          } else if constexpr (DIV == REVERSE_KL) {
-            u_ij = -q / p; v_ij = -lpq; u_ji = -qj / pj; v_ji = -lpq_j;
-          } else if constexpr (DIV == SYMMETRIC_KL) {
-            u_ij = half * (lpq - q / p); v_ij = half * (-lpq - p / q);
-            u_ji = half * (lpq_j - qj / pj); v_ji = half * (-lpq_j - pj / qj);
-          } else {
-            u_ij = half * log_t(two * p / (p + q)); v_ij = half * log_t(two * q / (p + q));
-            u_ji = half * log_t(two * pj / (pj + qj)); v_ji = half * log_t(two * qj / (pj + qj));
-          }
-          if (grad_x) row_x[j] = keep ? (alpha_i * u_ij + c.w_a[j] * u_ji) * c.rx[j] : zero;
-          if (grad_y) row_y[j] = keep ? (beta_i * v_ij + c.w_b[j] * v_ji) * c.ry[j] : zero;
-        }
+        RowSums<double> sums{0, 0, 0};
+        epilogue_pair<DIV>(row_x[j], row_y[j], ri, c, j, j != skip, eps, want_stats, grad_x, grad_y, VectorLog{},
+                           sums);
+        f += sums.f;
+        pu += sums.pu;
+        qv += sums.qv;
       }
       if (want_stats) {
-        f_out[gi] = T(f);
-        pu_out[gi] = T(pu);
-        qv_out[gi] = T(qv);
+        f_all[b * M + gi] = T(f);
+        pu_all[b * M + gi] = T(pu);
+        qv_all[b * M + gi] = T(qv);
       }
     }
   });
 }
 
-template <typename T>
-static void dispatch_epilogue(int div, T* sx, T* sy, int64_t bc, int64_t nr, int64_t b0, int64_t row0, int64_t M,
-                              const Columns<T>& c, bool excl, double eps, bool stats, bool gx, bool gy, T* f, T* pu,
-                              T* qv) {
-  switch (div) {
-    case KL: return panel_epilogue<T, KL>(sx, sy, bc, nr, b0, row0, M, c, excl, eps, stats, gx, gy, f, pu, qv);
-    case REVERSE_KL:
-      return panel_epilogue<T, REVERSE_KL>(sx, sy, bc, nr, b0, row0, M, c, excl, eps, stats, gx, gy, f, pu, qv);
-    case SYMMETRIC_KL:
-      return panel_epilogue<T, SYMMETRIC_KL>(sx, sy, bc, nr, b0, row0, M, c, excl, eps, stats, gx, gy, f, pu, qv);
-    default: return panel_epilogue<T, JS>(sx, sy, bc, nr, b0, row0, M, c, excl, eps, stats, gx, gy, f, pu, qv);
-  }
+void panel_epilogue_cpu(int div, const Tensor& px, const Tensor& py, int64_t b0, int64_t row0, const Tensor& rx,
+                        const Tensor& ry, const Tensor& cols, bool exclude_self, double eps, bool grad_x, bool grad_y,
+                        const Tensor& stats) {
+  const int64_t bc = px.size(0), nr = px.size(1), M = px.size(2);
+  AT_DISPATCH_FLOATING_TYPES(px.scalar_type(), "d2sm_panel_epilogue_cpu", [&] {
+    using T = scalar_t;
+    const Columns<T> c{rx.data_ptr<T>(), ry.data_ptr<T>(), cols[0].data_ptr<T>(), cols[1].data_ptr<T>(),
+                       cols[2].data_ptr<T>(), cols[3].data_ptr<T>(), cols[4].data_ptr<T>()};
+    T* f = stats.defined() ? stats[0].data_ptr<T>() : nullptr;
+    T* pu = stats.defined() ? stats[1].data_ptr<T>() : nullptr;
+    T* qv = stats.defined() ? stats[2].data_ptr<T>() : nullptr;
+    T *sx = px.data_ptr<T>(), *sy = py.data_ptr<T>();
+    switch (div) {
+      case KL: return panel_epilogue_rows<T, KL>(sx, sy, bc, nr, b0, row0, M, c, exclude_self, eps, grad_x, grad_y, f, pu, qv);
+      case REVERSE_KL:
+        return panel_epilogue_rows<T, REVERSE_KL>(sx, sy, bc, nr, b0, row0, M, c, exclude_self, eps, grad_x, grad_y, f, pu, qv);
+      case SYMMETRIC_KL:
+        return panel_epilogue_rows<T, SYMMETRIC_KL>(sx, sy, bc, nr, b0, row0, M, c, exclude_self, eps, grad_x, grad_y, f, pu, qv);
+      default: return panel_epilogue_rows<T, JS>(sx, sy, bc, nr, b0, row0, M, c, exclude_self, eps, grad_x, grad_y, f, pu, qv);
+    }
+  });
 }
 
-// Raw Gram panel (bc, nr, M) of `rows_x` (bc, nr, d) against both segments of problems b0…b0+bc.
-static void gram_panel(const Problem& p, bool is_y, int64_t b0, int64_t bc, const Tensor& rows_x, const Tensor& out) {
-  // bmm into column slices of the panel: BLAS writes the strided views directly (ldc = M).
-  Tensor head = out.narrow(2, 0, p.N);
-  at::bmm_out(head, rows_x, segment(p, is_y, false).narrow(0, b0, bc).transpose(1, 2));
-  if (p.Q) {
-    Tensor tail = out.narrow(2, p.N, p.Q);
-    at::bmm_out(tail, rows_x, segment(p, is_y, true).narrow(0, b0, bc).transpose(1, 2));
-  }
+// C = A·Bᵀ-style products of GEMM operands into fp32/fp64 `out` (a strided view is fine: BLAS
+// and cuBLAS write it with ldc = M). Half operands (CUDA only) produce fp32 directly.
+static void mm_into(Tensor out, const Tensor& a, const Tensor& b, const Problem& p) {
+  if (p.mm_dtype != p.dtype) at::bmm_out(out, a, b, p.dtype);
+  else at::bmm_out(out, a, b);
 }
 
+// Raw Gram panel (bc, nr, M) of `rows` (bc, nr, d) against both segments of problems b0…b0+bc.
+static void gram_panel(const Problem& p, bool is_y, int64_t b0, int64_t bc, const Tensor& rows, const Tensor& out) {
+  mm_into(out.narrow(2, 0, p.N), rows, mm_segment(p, is_y, false).narrow(0, b0, bc).transpose(1, 2), p);
+  if (p.Q) mm_into(out.narrow(2, p.N, p.Q), rows, mm_segment(p, is_y, true).narrow(0, b0, bc).transpose(1, 2), p);
+}
+
+// g_rows = W'·X over both segments; W' is rounded to the operand dtype for half inputs (CUDA).
 static void grad_panel(const Problem& p, bool is_y, int64_t b0, int64_t bc, const Tensor& w_panel, Tensor g_rows) {
-  at::bmm_out(g_rows, w_panel.narrow(2, 0, p.N), segment(p, is_y, false).narrow(0, b0, bc));
-  if (p.Q) g_rows.add_(at::bmm(w_panel.narrow(2, p.N, p.Q), segment(p, is_y, true).narrow(0, b0, bc)));
+  const Tensor w = w_panel.to(p.mm_dtype);
+  mm_into(g_rows, w.narrow(2, 0, p.N), mm_segment(p, is_y, false).narrow(0, b0, bc), p);
+  if (p.Q) {
+    Tensor tail = at::empty_like(g_rows);
+    mm_into(tail, w.narrow(2, p.N, p.Q), mm_segment(p, is_y, true).narrow(0, b0, bc), p);
+    g_rows.add_(tail);
+  }
 }
 
-// Panel rows: the two (rows × M) panels stay within 64 MiB; small problems are batched so that a
-// panel holds several whole problems (one bmm per chunk instead of a GEMM call per problem).
-static int64_t panel_rows(int64_t M, int64_t element_size) {
-  const int64_t budget = int64_t(64) << 20;
+// Panel rows: the two (rows × M) panels stay within a budget (64 MiB on CPU, where they should
+// stay in cache-friendly sizes; 256 MiB on CUDA, where larger GEMMs fill the device); small
+// problems are batched so that a panel holds several whole problems (one bmm per chunk).
+static int64_t panel_rows(int64_t M, int64_t element_size, bool cuda) {
+  const int64_t budget = int64_t(cuda ? 256 : 64) << 20;
   return std::max<int64_t>(budget / std::max<int64_t>(2 * M * element_size, 1), 16);
 }
 
@@ -298,11 +294,17 @@ static int64_t panel_rows(int64_t M, int64_t element_size) {
 static Tensor pair_pass(const Problem& p, const RowStats& st, const Tensor& w, int div, bool exclude_self, double eps,
                         bool want_stats, Tensor gx, Tensor gy) {
   const auto opts = p.x.options();
+  const bool cuda = p.x.is_cuda();
   Tensor stats = want_stats ? at::zeros({3, p.B, p.M}, opts) : Tensor();
-  const int64_t R = panel_rows(p.M, p.x.element_size());
+  const int64_t R = panel_rows(p.M, p.x.element_size(), cuda);
   // 1/A, 1/B, log(B/A) (in double: a per-row constant that must not cancel), w/A, w/B (B, M each).
   Tensor log_ba = (st.b.to(at::kDouble) / st.a.to(at::kDouble)).log().to(p.dtype);
   Tensor cols = at::stack({st.a.reciprocal(), st.b.reciprocal(), log_ba, w / st.a, w / st.b}).contiguous();
+#ifdef D2SM_WITH_CUDA
+  const PanelEpilogueFn epilogue = cuda ? panel_epilogue_cuda : panel_epilogue_cpu;
+#else
+  const PanelEpilogueFn epilogue = panel_epilogue_cpu;
+#endif
   for (int seg = 0; seg < (want_stats && p.Q ? 2 : 1); ++seg) {
     const bool memory = seg == 1;
     const int64_t rows = memory ? p.Q : p.N, offset = memory ? p.N : 0;
@@ -315,23 +317,12 @@ static Tensor pair_pass(const Problem& p, const RowStats& st, const Tensor& w, i
       const int64_t bc = std::min(bc_max, p.B - b0);
       for (int64_t r0 = 0; r0 < rows; r0 += nr_max) {
         const int64_t nr = std::min(nr_max, rows - r0);
-        Tensor px = sx.narrow(0, 0, bc).narrow(1, 0, nr), py = sy.narrow(0, 0, bc).narrow(1, 0, nr);
-        if (nr < nr_max) {  // keep the panel contiguous: (bc, nr, M) views of the buffer's start
-          px = sx.view(-1).narrow(0, 0, bc * nr * p.M).view({bc, nr, p.M});
-          py = sy.view(-1).narrow(0, 0, bc * nr * p.M).view({bc, nr, p.M});
-        }
-        gram_panel(p, false, b0, bc, segment(p, false, memory).narrow(0, b0, bc).narrow(1, r0, nr), px);
-        gram_panel(p, true, b0, bc, segment(p, true, memory).narrow(0, b0, bc).narrow(1, r0, nr), py);
-        AT_DISPATCH_FLOATING_TYPES(p.dtype, "d2sm_panel_epilogue", [&] {
-          Columns<scalar_t> c{st.rx.data_ptr<scalar_t>(), st.ry.data_ptr<scalar_t>(), cols[0].data_ptr<scalar_t>(),
-                              cols[1].data_ptr<scalar_t>(), cols[2].data_ptr<scalar_t>(), cols[3].data_ptr<scalar_t>(),
-                              cols[4].data_ptr<scalar_t>()};
-          scalar_t* f = want_stats ? stats[0].data_ptr<scalar_t>() : nullptr;
-          scalar_t* pu = want_stats ? stats[1].data_ptr<scalar_t>() : nullptr;
-          scalar_t* qv = want_stats ? stats[2].data_ptr<scalar_t>() : nullptr;
-          dispatch_epilogue<scalar_t>(div, px.data_ptr<scalar_t>(), py.data_ptr<scalar_t>(), bc, nr, b0, offset + r0,
-                                      p.M, c, exclude_self, eps, want_stats, gx_here, gy_here, f, pu, qv);
-        });
+        // contiguous (bc, nr, M) views of the buffers' start
+        Tensor px = sx.view(-1).narrow(0, 0, bc * nr * p.M).view({bc, nr, p.M});
+        Tensor py = sy.view(-1).narrow(0, 0, bc * nr * p.M).view({bc, nr, p.M});
+        gram_panel(p, false, b0, bc, mm_segment(p, false, memory).narrow(0, b0, bc).narrow(1, r0, nr), px);
+        gram_panel(p, true, b0, bc, mm_segment(p, true, memory).narrow(0, b0, bc).narrow(1, r0, nr), py);
+        epilogue(div, px, py, b0, offset + r0, st.rx, st.ry, cols, exclude_self, eps, gx_here, gy_here, stats);
         if (gx_here) grad_panel(p, false, b0, bc, px, gx.narrow(0, b0, bc).narrow(1, r0, nr));
         if (gy_here) grad_panel(p, true, b0, bc, py, gy.narrow(0, b0, bc).narrow(1, r0, nr));
       }
@@ -340,22 +331,15 @@ static Tensor pair_pass(const Problem& p, const RowStats& st, const Tensor& w, i
   return stats;
 }
 
-// Step 3: ∂L/∂x from the pairwise sums (see d2sm_ext/triton_backend.py for the derivation), in
-// place and in one pass per row: g = ½G − ½c·s − ½t (+ c·x̂ with exclude_self), c = α ū, then
-// ∂L/∂x = r (g − x̂ (x̂·g)). `pairwise` (B, N, d) is overwritten with the result.
-static Tensor finish_grad(const Problem& p, bool is_y, Tensor pairwise, const Tensor& r, const Tensor& norm,
-                          const Tensor& w, const Tensor& bar, const Tensor& s, bool exclude_self) {
-  Tensor coef = (w / norm * bar).contiguous();                      // α_j ū_j (B, M)
-  Tensor t = weighted_rows(p, is_y, coef * r).contiguous();         // Σ_j α_j ū_j x̂_j (B, d)
-  Tensor live = segment(p, is_y, false);
-  Tensor s_c = s.contiguous();
-  const int64_t N = p.N, D = p.D, M = p.M;
-  AT_DISPATCH_FLOATING_TYPES(p.dtype, "d2sm_finish_grad", [&] {
+void finish_rows_cpu(const Tensor& pairwise, const Tensor& live, const Tensor& r, const Tensor& coef, const Tensor& s,
+                     const Tensor& t, bool exclude_self) {
+  const int64_t B = pairwise.size(0), N = pairwise.size(1), D = pairwise.size(2), M = r.size(1);
+  AT_DISPATCH_FLOATING_TYPES(pairwise.scalar_type(), "d2sm_finish_rows_cpu", [&] {
     scalar_t* g_all = pairwise.data_ptr<scalar_t>();
     const scalar_t* x_all = live.data_ptr<scalar_t>();
     const scalar_t *r_all = r.data_ptr<scalar_t>(), *c_all = coef.data_ptr<scalar_t>();
-    const scalar_t *s_all = s_c.data_ptr<scalar_t>(), *t_all = t.data_ptr<scalar_t>();
-    at::parallel_for(0, p.B * N, 4, [&](int64_t begin, int64_t end) {
+    const scalar_t *s_all = s.data_ptr<scalar_t>(), *t_all = t.data_ptr<scalar_t>();
+    at::parallel_for(0, B * N, 4, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / N, k = row % N;
         scalar_t* g = g_all + row * D;
@@ -367,16 +351,31 @@ static Tensor finish_grad(const Problem& p, bool is_y, Tensor pairwise, const Te
         double dot = 0;  // x̂·g
         _Pragma("omp simd reduction(+ : dot)")  // _Pragma: this code sits inside a macro argument
         for (int64_t j = 0; j < D; ++j) {
-          const scalar_t v = scalar_t(0.5) * (g[j] - ck * sb[j] - tb[j]) + self * x[j];
+          const scalar_t v = xhat_grad(g[j], x[j], sb[j], tb[j], ck, self);
           g[j] = v;
           dot += double(v) * double(x[j] * rk);
         }
         const scalar_t dk = scalar_t(dot);
         _Pragma("omp simd")
-        for (int64_t j = 0; j < D; ++j) g[j] = rk * (g[j] - (x[j] * rk) * dk);
+        for (int64_t j = 0; j < D; ++j) g[j] = project_out(g[j], x[j], rk, dk);
       }
     });
   });
+}
+
+// Step 3: ∂L/∂x from the pairwise sums (see d2sm_ext/triton_backend.py for the derivation), in
+// place and in one pass per row: g = ½G − ½c·s − ½t (+ c·x̂ with exclude_self), c = α ū, then
+// ∂L/∂x = r (g − x̂ (x̂·g)). `pairwise` (B, N, d) is overwritten with the result.
+static Tensor finish_grad(const Problem& p, bool is_y, Tensor pairwise, const Tensor& r, const Tensor& norm,
+                          const Tensor& w, const Tensor& bar, const Tensor& s, bool exclude_self) {
+  Tensor coef = (w / norm * bar).contiguous();               // α_j ū_j (B, M)
+  Tensor t = weighted_rows(p, is_y, coef * r).contiguous();  // Σ_j α_j ū_j x̂_j (B, d)
+#ifdef D2SM_WITH_CUDA
+  const FinishRowsFn finish = pairwise.is_cuda() ? finish_rows_cuda : finish_rows_cpu;
+#else
+  const FinishRowsFn finish = finish_rows_cpu;
+#endif
+  finish(pairwise, segment(p, is_y, false), r, coef, s.contiguous(), t, exclude_self);
   return pairwise;
 }
 
@@ -399,13 +398,37 @@ static std::tuple<Tensor, Tensor> gradients(const Problem& p, const RowStats& st
   return {gx, gy};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward_cpu(
+// cuBLAS TF32 for fp32 GEMMs follows the op's `tf32` flag (the Python side resolves precision
+// "auto" to the global matmul setting, so the flag usually equals it and nothing is changed);
+// restored on exit. Process-global, like the setting itself: a concurrent fp32 matmul on another
+// thread may see the flag while an op that overrides it runs.
+class CublasTf32Scope {
+ public:
+  CublasTf32Scope(bool cuda, bool tf32) {
+    if (!cuda) return;
+    auto& ctx = at::globalContext();
+    previous_ = ctx.allowTF32CuBLAS();
+    changed_ = previous_ != tf32;
+    if (changed_) ctx.setAllowTF32CuBLAS(tf32);
+  }
+  ~CublasTf32Scope() {
+    if (changed_) at::globalContext().setAllowTF32CuBLAS(previous_);
+  }
+  CublasTf32Scope(const CublasTf32Scope&) = delete;
+  CublasTf32Scope& operator=(const CublasTf32Scope&) = delete;
+
+ private:
+  bool previous_ = false, changed_ = false;
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward(
     const Tensor& x, const Tensor& y, const std::optional<Tensor>& x_memory, const std::optional<Tensor>& y_memory,
     std::string divergence, bool exclude_self, double eps, bool tf32, std::string reduction, bool need_gx,
     bool need_gy) {
-  (void)tf32;  // CPU matmuls are full precision
   const int div = divergence_code(divergence);
   TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", "bad reduction ", reduction);
+  const c10::OptionalDeviceGuard device_guard(x.device());
+  const CublasTf32Scope tf32_scope(x.is_cuda(), tf32);
   Problem p = prepare(x, y, x_memory, y_memory);
   RowStats st = row_statistics(p, exclude_self, eps);
   const bool fused = reduction != "none" && (need_gx || need_gy);
@@ -423,12 +446,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward_cpu(
   return {value.to(x.scalar_type()).clone(), saved, grad_or_empty(gx, x, p.dtype), grad_or_empty(gy, y, p.dtype)};
 }
 
-std::tuple<Tensor, Tensor> fused_backward_cpu(const Tensor& x, const Tensor& y, const std::optional<Tensor>& x_memory,
-                                              const std::optional<Tensor>& y_memory, const Tensor& saved,
-                                              const Tensor& grad_rows, std::string divergence, bool exclude_self,
-                                              double eps, bool tf32, bool need_gx, bool need_gy) {
-  (void)tf32;
+std::tuple<Tensor, Tensor> fused_backward(const Tensor& x, const Tensor& y, const std::optional<Tensor>& x_memory,
+                                          const std::optional<Tensor>& y_memory, const Tensor& saved,
+                                          const Tensor& grad_rows, std::string divergence, bool exclude_self,
+                                          double eps, bool tf32, bool need_gx, bool need_gy) {
   const int div = divergence_code(divergence);
+  const c10::OptionalDeviceGuard device_guard(x.device());
+  const CublasTf32Scope tf32_scope(x.is_cuda(), tf32);
   Problem p = prepare(x, y, x_memory, y_memory);
   TORCH_CHECK(saved.dim() == 3 && saved.size(0) == 6 && saved.size(1) == p.B && saved.size(2) == p.M,
               "saved statistics must be (6, B, M)");
@@ -452,9 +476,18 @@ TORCH_LIBRARY(d2sm_ext, m) {
         "str divergence, bool exclude_self, float eps, bool tf32, bool need_gx, bool need_gy) -> (Tensor, Tensor)");
 }
 
+// The driver is device-generic (ATen ops + the device's epilogue and finish kernels), so the
+// same functions serve both dispatch keys.
 TORCH_LIBRARY_IMPL(d2sm_ext, CPU, m) {
-  m.impl("fused_forward", &fused_forward_cpu);
-  m.impl("fused_backward", &fused_backward_cpu);
+  m.impl("fused_forward", &fused_forward);
+  m.impl("fused_backward", &fused_backward);
 }
+
+#ifdef D2SM_WITH_CUDA
+TORCH_LIBRARY_IMPL(d2sm_ext, CUDA, m) {
+  m.impl("fused_forward", &fused_forward);
+  m.impl("fused_backward", &fused_backward);
+}
+#endif
 
 }  // namespace d2sm_ext

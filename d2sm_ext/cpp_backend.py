@@ -1,8 +1,12 @@
-"""Backend "cpu": the C++ extension's fused CPU kernel (csrc/d2sm.cpp), loaded as d2sm_ext._C.
+"""Backends "cpu" and "cuda": the C++ extension's fused kernels (csrc/), loaded as d2sm_ext._C.
+
+Both run the same ops (``d2sm_ext::fused_forward`` / ``fused_backward``); the dispatcher picks
+the CPU or the CUDA kernel from the tensors' device. The CUDA kernels exist when the extension
+was built where a CUDA toolkit was found (setup.py); ``CUDA_ERROR`` says why they are missing.
 
 If the extension is missing (not built, D2SM_SKIP_EXTENSION at install) or fails to load (built
-against another torch), importing d2sm_ext still works: ``LOAD_ERROR`` says why, the backend is
-reported unavailable, and "auto" uses the reference on CPU.
+against another torch), importing d2sm_ext still works: ``LOAD_ERROR`` says why, both backends
+are reported unavailable, and "auto" uses Triton on GPU and the reference on CPU.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch
 from . import op_glue
 
 LOAD_ERROR: Optional[str] = None
+CUDA_ERROR: Optional[str] = None
 try:
     if os.environ.get("D2SM_NO_EXTENSION", "0") == "1":
         raise ImportError("disabled by D2SM_NO_EXTENSION=1")
@@ -21,8 +26,12 @@ try:
 except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
     LOAD_ERROR = f"the C++ extension d2sm_ext._C could not be loaded ({type(exc).__name__}: {exc}); " \
                  f"rebuild with `pip install --no-build-isolation -e .`"
+    CUDA_ERROR = LOAD_ERROR
 else:
     op_glue.register("d2sm_ext::fused_forward", "d2sm_ext::fused_backward")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("d2sm_ext::fused_forward", "CUDA"):
+        CUDA_ERROR = "d2sm_ext._C was built without CUDA kernels (no CUDA toolkit found at build time, or " \
+                     "D2SM_SKIP_CUDA=1); rebuild where nvcc or CUDA_HOME points to a toolkit"
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -34,9 +43,26 @@ def d2sm_cpu(x, y, divergence="kl", exclude_self=True, reduction="mean", eps=1e-
                         x_memory, y_memory, False)
 
 
-def supports(device_type: str, dtype: torch.dtype) -> Optional[str]:
+def d2sm_cuda(x, y, divergence="kl", exclude_self=True, reduction="mean", eps=1e-8,
+              x_memory=None, y_memory=None, precision="auto"):
+    """Same contract as ``d2sm_reference``. GEMMs in the input dtype on tensor cores for fp16/bf16
+    (fp32 output), TF32 for fp32 when ``precision`` allows it; everything else in fp32 (fp64 for
+    fp64 inputs)."""
+    return op_glue.call(torch.ops.d2sm_ext.fused_forward, x, y, divergence, exclude_self, reduction, eps,
+                        x_memory, y_memory, op_glue.use_tf32(precision))
+
+
+def supports_cpu(device_type: str, dtype: torch.dtype) -> Optional[str]:
     if device_type != "cpu":
-        return f"the C++ kernel is registered for CPU tensors only, got device type '{device_type}'"
+        return f"backend 'cpu' runs CPU tensors only, got device type '{device_type}'"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype {dtype} not supported"
+    return None
+
+
+def supports_cuda(device_type: str, dtype: torch.dtype) -> Optional[str]:
+    if device_type != "cuda":
+        return f"backend 'cuda' runs CUDA tensors only, got device type '{device_type}'"
     if dtype not in SUPPORTED_DTYPES:
         return f"dtype {dtype} not supported"
     return None

@@ -89,6 +89,18 @@ def register(forward_name: str, backward_name: str) -> None:
     torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
 
 
+@torch.compiler.assume_constant_result  # a global setting read once at trace time (Dynamo can't call it)
+def _torch_allows_tf32() -> bool:
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def use_tf32(precision: str) -> bool:
+    """The ops' ``tf32`` flag for a ``precision`` option ("auto" follows PyTorch's matmul setting)."""
+    if precision == "auto":
+        return _torch_allows_tf32()
+    return precision == "tf32"
+
+
 def call(forward_op: Callable, x, y, divergence, exclude_self, reduction, eps, x_memory, y_memory, tf32: bool):
     """Run a fused forward op the way the registry calls backends (same contract as the reference)."""
     grad_on = torch.is_grad_enabled()

@@ -359,22 +359,11 @@ op_glue.register("d2sm_ext::triton_d2sm", "d2sm_ext::triton_d2sm_backward")
 # ----------------------------------------------------------------------------------------------
 # Backend entry point
 # ----------------------------------------------------------------------------------------------
-@torch.compiler.assume_constant_result  # a global setting read once at trace time (Dynamo can't call it)
-def _torch_allows_tf32() -> bool:
-    return torch.get_float32_matmul_precision() != "highest"
-
-
-def use_tf32(precision: str) -> bool:
-    if precision == "auto":
-        return _torch_allows_tf32()
-    return precision == "tf32"
-
-
 def d2sm_triton(x, y, divergence="kl", exclude_self=True, reduction="mean", eps=1e-8,
                 x_memory=None, y_memory=None, precision="auto"):
     """Same contract as ``d2sm_reference`` (inputs validated by ``d2sm_divergence``)."""
     return op_glue.call(torch.ops.d2sm_ext.triton_d2sm, x, y, divergence, exclude_self, reduction, eps,
-                        x_memory, y_memory, use_tf32(precision))
+                        x_memory, y_memory, op_glue.use_tf32(precision))
 
 
 def supports(device_type: str, dtype: torch.dtype) -> Optional[str]:

@@ -22,6 +22,8 @@ if cpp_backend.LOAD_ERROR is not None:
     pytest.fail(f"the C++ extension must be built for the test suite: {cpp_backend.LOAD_ERROR}", pytrace=False)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from cuda_toolkit import find_cuda_home, library_dir  # noqa: E402
 COMBOS = list(itertools.product(DIVERGENCES, (True, False), REDUCTIONS))
 SHAPES = [((2, 1), 0), ((3, 17, 5), 6), ((64, 300), 0), ((3, 3, 300), 64)]
 
@@ -161,22 +163,12 @@ def _cuda_hints():
     if torch.version.cuda is None:
         return []
     import glob
-    import re
 
-    root = os.environ.get("CUDA_HOME")
-    nvcc = shutil.which("nvcc")
-    if root is None and nvcc:
-        with open(nvcc, "rb") as f:
-            head = f.read(4096)
-        match = re.search(rb"exec\s+(\S+)/bin/nvcc", head)
-        root = match.group(1).decode() if match else os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    root = find_cuda_home()
     hints = []
     if root:
-        hints.append(f"-DCUDA_TOOLKIT_ROOT_DIR={root}")
-        for lib in ("lib64", "lib"):
-            if os.path.exists(os.path.join(root, lib, "libcudart.so")):
-                hints.append(f"-DCUDA_CUDART_LIBRARY={os.path.join(root, lib, 'libcudart.so')}")
-                break
+        hints += [f"-DCUDA_TOOLKIT_ROOT_DIR={root}",
+                  f"-DCUDA_CUDART_LIBRARY={os.path.join(library_dir(root), 'libcudart.so')}"]
     site = os.path.dirname(os.path.dirname(torch.__file__))
     nvrtc = sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libnvrtc.so*")))
     if nvrtc:

@@ -175,18 +175,6 @@ def test_auto_selection_and_errors():
                                  backend="triton")
 
 
-def test_precision_switch():
-    assert triton_backend.use_tf32("tf32") and not triton_backend.use_tf32("ieee")
-    old = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")
-        assert not triton_backend.use_tf32("auto")
-        torch.set_float32_matmul_precision("high")
-        assert triton_backend.use_tf32("auto")
-    finally:
-        torch.set_float32_matmul_precision(old)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("red", ["mean", "none"])
 def test_several_gradient_panels(red, device, monkeypatch):

@@ -1,0 +1,162 @@
+// CUDA kernels of the fused D2SM pass: the panel epilogue and the gradient finish (d2sm.h has the
+// contracts; d2sm.cpp drives them between cuBLAS GEMMs issued through ATen on the current stream).
+//
+// The Gram and W'·X products are cuBLAS GEMMs (shared-memory tiled, tensor cores for fp16/bf16
+// and for fp32 when TF32 is allowed, fp32 accumulation); the kernels here are the O(R·M) epilogue
+// over a panel and the O(N·d) finish. Both use the per-pair/per-row math of pair_math.h, the same
+// code the CPU kernels run, so the CPU tests check every formula evaluated here.
+//
+// Layout: one thread block per panel row (epilogue) or per live row (finish); threads stride over
+// the row's columns, which keeps every global access coalesced (panel rows and the (B, M) column
+// arrays are contiguous). Row sums are per-thread partial sums in the accumulate type (fp32 for
+// fp32, fp64 for fp64), combined by a fixed shared-memory tree: deterministic, no atomics.
+// All offsets are int64.
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <type_traits>
+
+#include "d2sm.h"
+#include "pair_math.h"
+
+namespace d2sm_ext {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct DeviceLog {
+  __host__ __device__ float operator()(float x) const { return logf(x); }
+  __host__ __device__ double operator()(double x) const { return log(x); }
+};
+
+// Sum over the block of one value per thread, in a fixed tree order; every thread gets the sum.
+template <typename Acc>
+__device__ Acc block_sum(Acc v, Acc* shared) {
+  shared[threadIdx.x] = v;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+    __syncthreads();
+  }
+  const Acc total = shared[0];
+  __syncthreads();  // shared is reused by the caller's next block_sum
+  return total;
+}
+
+template <typename T, int DIV>
+__global__ void __launch_bounds__(kThreads)
+panel_epilogue_kernel(T* __restrict__ sx, T* __restrict__ sy, int64_t nr, int64_t b0, int64_t row0, int64_t M,
+                      Columns<T> all, bool exclude_self, T eps, bool grad_x, bool grad_y, T* f_all, T* pu_all,
+                      T* qv_all) {
+  using Acc = at::acc_type<T, /*is_cuda=*/true>;
+  __shared__ Acc shared[kThreads];
+  const int64_t row = blockIdx.x;  // panel row = (problem b0 + row / nr, sample row row0 + row % nr)
+  const int64_t b = b0 + row / nr, gi = row0 + row % nr;
+  const Columns<T> c = all.shifted(b * M);
+  const RowConstants<T> ri = RowConstants<T>::load(c, gi);
+  const int64_t skip = exclude_self ? gi : -1;
+  const bool want_stats = f_all != nullptr;
+  T* row_x = sx + row * M;
+  T* row_y = sy + row * M;
+  RowSums<Acc> sums{0, 0, 0};
+  for (int64_t j = threadIdx.x; j < M; j += kThreads) {
+    epilogue_pair<DIV>(row_x[j], row_y[j], ri, c, j, j != skip, eps, want_stats, grad_x, grad_y, DeviceLog{}, sums);
+  }
+  if (want_stats) {
+    const Acc f = block_sum(sums.f, shared);
+    const Acc pu = block_sum(sums.pu, shared);
+    const Acc qv = block_sum(sums.qv, shared);
+    if (threadIdx.x == 0) {
+      f_all[b * M + gi] = T(f);
+      pu_all[b * M + gi] = T(pu);
+      qv_all[b * M + gi] = T(qv);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+finish_rows_kernel(T* __restrict__ g_all, const T* __restrict__ x_all, const T* __restrict__ r_all,
+                   const T* __restrict__ c_all, const T* __restrict__ s_all, const T* __restrict__ t_all, int64_t N,
+                   int64_t D, int64_t M, bool exclude_self) {
+  using Acc = at::acc_type<T, /*is_cuda=*/true>;
+  __shared__ Acc shared[kThreads];
+  const int64_t row = blockIdx.x, b = row / N, k = row % N;
+  T* g = g_all + row * D;
+  const T* x = x_all + row * D;
+  const T* sb = s_all + b * D;
+  const T* tb = t_all + b * D;
+  const T rk = r_all[b * M + k], ck = c_all[b * M + k];
+  const T self = exclude_self ? ck * rk : T(0);
+  Acc dot = 0;  // x̂·g
+  for (int64_t j = threadIdx.x; j < D; j += kThreads) {
+    const T v = xhat_grad(g[j], x[j], sb[j], tb[j], ck, self);
+    g[j] = v;
+    dot += Acc(v) * Acc(x[j] * rk);
+  }
+  const T dk = T(block_sum(dot, shared));
+  for (int64_t j = threadIdx.x; j < D; j += kThreads) g[j] = project_out(g[j], x[j], rk, dk);
+}
+
+void check_cuda_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name, " must be float32 or float64");
+}
+
+}  // namespace
+
+void panel_epilogue_cuda(int div, const at::Tensor& px, const at::Tensor& py, int64_t b0, int64_t row0,
+                         const at::Tensor& rx, const at::Tensor& ry, const at::Tensor& cols, bool exclude_self,
+                         double eps, bool grad_x, bool grad_y, const at::Tensor& stats) {
+  check_cuda_float(px, "Gram panel");
+  check_cuda_float(py, "Gram panel");
+  const int64_t bc = px.size(0), nr = px.size(1), M = px.size(2);
+  const int64_t blocks = bc * nr;
+  if (blocks == 0 || M == 0) return;
+  TORCH_CHECK(blocks <= int64_t(INT32_MAX), "too many panel rows for one launch: ", blocks);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(px.scalar_type(), "d2sm_panel_epilogue_cuda", [&] {
+    using T = scalar_t;
+    const Columns<T> c{rx.data_ptr<T>(), ry.data_ptr<T>(), cols[0].data_ptr<T>(), cols[1].data_ptr<T>(),
+                       cols[2].data_ptr<T>(), cols[3].data_ptr<T>(), cols[4].data_ptr<T>()};
+    T* f = stats.defined() ? stats[0].data_ptr<T>() : nullptr;
+    T* pu = stats.defined() ? stats[1].data_ptr<T>() : nullptr;
+    T* qv = stats.defined() ? stats[2].data_ptr<T>() : nullptr;
+    T *sx = px.data_ptr<T>(), *sy = py.data_ptr<T>();
+    const dim3 grid(static_cast<unsigned>(blocks));
+    auto launch = [&](auto div_tag) {
+      constexpr int DIV = decltype(div_tag)::value;
+      panel_epilogue_kernel<T, DIV><<<grid, kThreads, 0, stream>>>(sx, sy, nr, b0, row0, M, c, exclude_self, T(eps),
+                                                                  grad_x, grad_y, f, pu, qv);
+    };
+    switch (div) {
+      case KL: launch(std::integral_constant<int, KL>{}); break;
+      case REVERSE_KL: launch(std::integral_constant<int, REVERSE_KL>{}); break;
+      case SYMMETRIC_KL: launch(std::integral_constant<int, SYMMETRIC_KL>{}); break;
+      default: launch(std::integral_constant<int, JS>{}); break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void finish_rows_cuda(const at::Tensor& pairwise, const at::Tensor& live, const at::Tensor& r, const at::Tensor& coef,
+                      const at::Tensor& s, const at::Tensor& t, bool exclude_self) {
+  check_cuda_float(pairwise, "pairwise gradient");
+  check_cuda_float(live, "rows");
+  const int64_t B = pairwise.size(0), N = pairwise.size(1), D = pairwise.size(2), M = r.size(1);
+  const int64_t blocks = B * N;
+  if (blocks == 0 || D == 0) return;
+  TORCH_CHECK(blocks <= int64_t(INT32_MAX), "too many rows for one launch: ", blocks);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(pairwise.scalar_type(), "d2sm_finish_rows_cuda", [&] {
+    finish_rows_kernel<scalar_t><<<dim3(static_cast<unsigned>(blocks)), kThreads, 0, stream>>>(
+        pairwise.data_ptr<scalar_t>(), live.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), coef.data_ptr<scalar_t>(),
+        s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), N, D, M, exclude_self);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace d2sm_ext

@@ -1,0 +1,178 @@
+"""The extension's "cuda" backend run on a GPU (benchmarks/gpu_check.sh runs this file on the lent
+one): the reference's breadth of parity tests, float64 against the literal loops and gradcheck,
+edge rows, half and TF32 precision, several panels, empty live sets, streams, determinism, opcheck
+and torch.compile. Without a GPU the whole module is reported as one skip, never as passing. The
+per-pair math the kernels run is csrc/pair_math.h, shared with the CPU kernel, so
+tests/test_cpp.py checks every formula on CPU."""
+import itertools
+
+import pytest
+import torch
+
+import d2sm_ext
+from backend_cases import (LOW_PRECISION_FACTOR, assert_f32_close, check_low_precision, check_non_contiguous,
+                           check_parity, edge_inputs, make_inputs, max_err, reference64, run_backend)
+from d2sm_ext import cpp_backend
+from d2sm_ext.reference import DIVERGENCES, REDUCTIONS, d2sm_reference, dense_divergence
+from literal import literal_d2sm
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device here: the CUDA kernels are compiled (tests/test_cuda.py), not run",
+                allow_module_level=True)
+if cpp_backend.CUDA_ERROR is not None:
+    pytest.fail(f"a GPU is present but the CUDA kernels are not: {cpp_backend.CUDA_ERROR}", pytrace=False)
+
+COMBOS = list(itertools.product(DIVERGENCES, (True, False), REDUCTIONS))
+SHAPES = [((2, 1), 0), ((3, 17, 5), 6), ((64, 300), 0), ((3, 3, 300), 64), ((130, 7), 70)]
+
+
+@pytest.mark.parametrize("shape,n_memory", SHAPES)
+@pytest.mark.parametrize("div,excl,red", COMBOS)
+def test_parity_float32(div, excl, red, shape, n_memory):
+    check_parity("cuda", shape, n_memory, div, excl, red, "cuda")
+
+
+@pytest.mark.parametrize("div,excl,red", COMBOS)
+def test_float64_matches_literal_and_reference(div, excl, red):
+    x = torch.randn(2, 9, 5, dtype=torch.float64)
+    y = x + torch.randn(2, 9, 5, dtype=torch.float64)
+    xm, ym = torch.randn(2, 4, 5, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    got = d2sm_ext.d2sm_divergence(x.cuda(), y.cuda(), div, excl, red, backend="cuda", x_memory=xm.cuda(),
+                                   y_memory=ym.cuda()).cpu()
+    want = torch.tensor(literal_d2sm(x, y, div, excl, red, x_memory=xm, y_memory=ym), dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, d2sm_reference(x, y, div, excl, red, x_memory=xm, y_memory=ym),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+@pytest.mark.parametrize("excl", [True, False])
+@pytest.mark.parametrize("red", ["mean", "none"])
+def test_gradcheck_float64(div, excl, red):
+    x = torch.randn(6, 4, dtype=torch.float64, device="cuda", requires_grad=True)
+    y = torch.randn(6, 4, dtype=torch.float64, device="cuda", requires_grad=True)
+    xm = torch.randn(3, 4, dtype=torch.float64, device="cuda")
+    ym = torch.randn(3, 4, dtype=torch.float64, device="cuda")
+    assert torch.autograd.gradcheck(
+        lambda a, b: d2sm_ext.d2sm_divergence(a, b, div, excl, red, backend="cuda", x_memory=xm, y_memory=ym), (x, y))
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+@pytest.mark.parametrize("excl", [True, False])
+def test_edge_rows_float64(div, excl):
+    x, y, mem = edge_inputs("cuda", torch.float64)
+    for red in ("mean", "none"):
+        up = None if red == "mean" else torch.randn(13, dtype=torch.float64)
+        want, wgx, wgy = reference64(x, y, mem, div, excl, red, up)
+        got, gx, gy = run_backend("cuda", x, y, mem, div, excl, red, up)
+        # float64 end to end: the antipodal log-kernel is conditioned like 1e-16/eps = 1e-8
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(gx.cpu(), wgx, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(gy.cpu(), wgy, rtol=1e-6, atol=1e-9)
+        assert (gx[0] == 0).all() and (gy[3] == 0).all()
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+def test_edge_rows_float32(div):
+    """eps = 1e-3: above float32's rounding of 1 + cos for antipodal rows (see test_triton.py)."""
+    x, y, mem = edge_inputs("cuda")
+    want, wgx, wgy = reference64(x, y, mem, div, True, "none", torch.ones(13), eps=1e-3)
+    got, gx, gy = run_backend("cuda", x, y, mem, div, True, "none", torch.ones(13), eps=1e-3)
+    assert_f32_close(got, want, "value")
+    assert_f32_close(gx, wgx, "grad x")
+    assert_f32_close(gy, wgy, "grad y")
+
+
+def test_non_contiguous_inputs_and_memory():
+    check_non_contiguous("cuda", "cuda", "js")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("div,red", [("kl", "mean"), ("js", "none"), ("reverse_kl", "sum")])
+def test_half_inputs(dtype, div, red):
+    check_low_precision("cuda", (2, 40, 96), 24, div, True, red, "cuda", dtype)
+
+
+def test_tf32_precision_and_the_global_flag_is_restored():
+    """precision="tf32": error at most 2× that of the dense formula with PyTorch's own TF32
+    matmuls (the low-precision rule of backend_cases.py); the user's TF32 setting is untouched."""
+    x, y, mem = make_inputs((3, 200, 256), 50, "cuda")
+    want, wgx, wgy = reference64(x, y, mem, "kl", True, "mean")
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        got, gx, gy = run_backend("cuda", x, y, mem, "kl", True, "mean", precision="tf32")
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        torch.backends.cuda.matmul.allow_tf32 = True
+        xl, yl = x.detach().clone().requires_grad_(True), y.detach().clone().requires_grad_(True)
+        plain = dense_divergence(xl, yl, "kl", True, "mean", 1e-8, mem[0], mem[1])
+        pgx, pgy = torch.autograd.grad(plain, (xl, yl), torch.ones_like(plain) * 2.0)
+        ieee = run_backend("cuda", x, y, mem, "kl", True, "mean", precision="ieee")
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert_f32_close(ieee[0], want, "ieee value")
+    for name, mine, base, truth in (("value", got, plain, want), ("grad x", gx, pgx, wgx), ("grad y", gy, pgy, wgy)):
+        floor = 1e-4 * truth.abs().max().item()
+        assert max_err(mine, truth) <= LOW_PRECISION_FACTOR * max_err(base, truth) + floor, name
+
+
+def test_several_panels():
+    """More live rows than one panel holds (256 MiB of fp32 panels: 5461 rows at M = 6144)."""
+    x, y, mem = make_inputs((6000, 8), 144, "cuda")
+    want, wgx, wgy = reference64(x, y, mem, "symmetric_kl", True, "mean")
+    got, gx, gy = run_backend("cuda", x, y, mem, "symmetric_kl", True, "mean")
+    assert_f32_close(got, want, "value")
+    assert_f32_close(gx, wgx, "grad x")
+    assert_f32_close(gy, wgy, "grad y")
+
+
+def test_memory_only_live_rows_empty():
+    x, y = torch.randn(0, 5, device="cuda"), torch.randn(0, 5, device="cuda")
+    xm, ym = torch.randn(7, 5, device="cuda"), torch.randn(7, 5, device="cuda")
+    got = d2sm_ext.d2sm_divergence(x, y, "kl", True, "none", backend="cuda", x_memory=xm, y_memory=ym)
+    want = d2sm_reference(x.cpu().double(), y.cpu().double(), "kl", True, "none", x_memory=xm.cpu().double(),
+                          y_memory=ym.cpu().double())
+    assert_f32_close(got, want, "values of memory rows")
+
+
+def test_side_stream_and_deterministic():
+    x, y, mem = make_inputs((3, 70, 40), 10, "cuda")
+    runs = [run_backend("cuda", x, y, mem, "js", True, "mean") for _ in range(3)]
+    for out, gx, gy in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and torch.equal(gx, runs[0][1]) and torch.equal(gy, runs[0][2])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out, gx, gy = run_backend("cuda", x, y, mem, "js", True, "mean")
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(out, runs[0][0]) and torch.equal(gx, runs[0][1])
+
+
+def test_opcheck():
+    x, y, mem = make_inputs((2, 6, 5), 3, "cuda")
+    for red, need in (("mean", True), ("none", False), ("sum", True)):
+        torch.library.opcheck(torch.ops.d2sm_ext.fused_forward.default,
+                              (x, y, mem[0], mem[1], "kl", True, 1e-8, False, red, need, need))
+    saved = torch.ops.d2sm_ext.fused_forward(x, y, mem[0], mem[1], "kl", True, 1e-8, False, "none", False, False)[1]
+    torch.library.opcheck(torch.ops.d2sm_ext.fused_backward.default,
+                          (x.detach(), y.detach(), mem[0], mem[1], saved, torch.randn(2, 9, device="cuda"), "kl",
+                           True, 1e-8, False, True, True), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(8, 16).cuda()
+    xin, yfeat = torch.randn(12, 8, device="cuda"), torch.randn(12, 16, device="cuda")
+
+    def step(inp):
+        return d2sm_ext.d2sm_divergence(net(inp), yfeat, divergence="symmetric_kl", backend="cuda")
+
+    eager = step(xin)
+    eager.backward()
+    g_eager = net.weight.grad.clone()
+    net.zero_grad()
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(xin)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(net.weight.grad, g_eager)
