@@ -55,9 +55,10 @@ if os.environ.get("D2SM_SKIP_EXTENSION", "0") != "1":
 
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    # -fopenmp: at::parallel_for is OpenMP-based in PyTorch builds; the C++ standard is the one
-    # torch.utils.cpp_extension picks.
-    cxx = opt + _cpu_flags() + ["-fopenmp"]
+    # -fopenmp: at::parallel_for is OpenMP-based in PyTorch builds (and `omp simd` marks the loops
+    # to vectorise); -fno-trapping-math: lets GCC if-convert the epilogue's selects (no code here
+    # relies on floating-point exceptions). The C++ standard is the one cpp_extension picks.
+    cxx = opt + _cpu_flags() + ["-fopenmp", "-fno-trapping-math"]
     common = dict(extra_link_args=["-fopenmp"], py_limited_api=False)
     if cuda_home is not None:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():

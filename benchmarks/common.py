@@ -146,16 +146,27 @@ def peak_memory_bytes(step: Callable[[], None], device: str) -> int:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
+    # CPU: the profiler records every allocation with the CPU allocator's running total, including
+    # those made inside C++ ops (an op's own "self memory" figure nets its frees out and misses
+    # them), so the peak is the highest total seen minus the total before the first allocation.
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    current = peak = 0
-    for e in events:
-        current += e.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    allocations = sorted((n for n in walk(prof.profiler.kineto_results.experimental_event_tree())
+                          if n.tag == _EventType.Allocation), key=lambda n: n.start_time_ns)
+    if not allocations:
+        return 0
+    first = allocations[0].extra_fields
+    base = first.total_allocated - first.alloc_size
+    return max(n.extra_fields.total_allocated for n in allocations) - base
 
 
 def gemm_tflops(device: str, dtype: torch.dtype, tf32: bool, n: int) -> float:

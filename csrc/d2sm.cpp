@@ -38,7 +38,6 @@
 #include <tuple>
 
 #include "d2sm.h"
-#include "pair_math.h"
 
 extern "C" {
 // `import d2sm_ext._C` loads this library (and with it the TORCH_LIBRARY registrations below).
@@ -199,33 +198,48 @@ struct VectorLog {
   T operator()(T x) const { return log_t(x); }
 };
 
-// CPU epilogue: one task per panel row; the j loop is branch-free so that it vectorises; row sums
-// in double. Pair terms in T (fp32 for float inputs, like the Triton and CUDA kernels).
-template <typename T, int DIV>
+// CPU epilogue: one task per panel row, the columns in chunks of kSumChunk. The pair loop is
+// branch-free (selects; -fno-trapping-math in setup.py lets GCC if-convert them) and writes each
+// pair's terms of the row sums to small buffers; a separate loop adds them up in double. GCC does
+// not vectorise the pair loop when the reduction sits inside it, and it is most of the work.
+constexpr int64_t kSumChunk = 256;
+
+template <typename T, int DIV, typename Kind>
 static void panel_epilogue_rows(T* sx, T* sy, int64_t bc, int64_t nr, int64_t b0, int64_t row0, int64_t M,
-                                const Columns<T>& all, bool exclude_self, double eps_d, bool grad_x, bool grad_y,
-                                T* f_all, T* pu_all, T* qv_all) {
+                                const Columns<T>& all, bool exclude_self, double eps_d, T* f_all, T* pu_all,
+                                T* qv_all) {
   const T eps = T(eps_d);
-  const bool want_stats = f_all != nullptr;
   at::parallel_for(0, bc * nr, 8, [&](int64_t begin, int64_t end) {
+    alignas(64) T terms_f[kSumChunk], terms_pu[kSumChunk], terms_qv[kSumChunk];
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = b0 + row / nr, gi = row0 + row % nr;
-      const Columns<T> c = all.shifted(b * M);
+      const Columns<T> c = all.shifted(b * M);  // a local copy: loop-invariant bases, plain vector loads
       const RowConstants<T> ri = RowConstants<T>::load(c, gi);
       const int64_t skip = exclude_self ? gi : -1;
       T* __restrict__ row_x = sx + row * M;
       T* __restrict__ row_y = sy + row * M;
       double f = 0, pu = 0, qv = 0;
-#pragma omp simd reduction(+ : f, pu, qv)
-      for (int64_t j = 0; j < M; ++j) {
-        RowSums<double> sums{0, 0, 0};
-        epilogue_pair<DIV>(row_x[j], row_y[j], ri, c, j, j != skip, eps, want_stats, grad_x, grad_y, VectorLog{},
-                           sums);
-        f += sums.f;
-        pu += sums.pu;
-        qv += sums.qv;
+      for (int64_t j0 = 0; j0 < M; j0 += kSumChunk) {
+        const int64_t n = std::min(kSumChunk, M - j0);
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) {
+          const int64_t j = j0 + k;
+          const RowSums<T> t = epilogue_pair<DIV, Kind>(row_x[j], row_y[j], ri, c, j, j != skip, eps, VectorLog{});
+          if constexpr (Kind::stats) {
+            terms_f[k] = t.f;
+            terms_pu[k] = t.pu;
+            terms_qv[k] = t.qv;
+          }
+        }
+        if constexpr (Kind::stats) {
+          for (int64_t k = 0; k < n; ++k) {
+            f += double(terms_f[k]);
+            pu += double(terms_pu[k]);
+            qv += double(terms_qv[k]);
+          }
+        }
       }
-      if (want_stats) {
+      if constexpr (Kind::stats) {
         f_all[b * M + gi] = T(f);
         pu_all[b * M + gi] = T(pu);
         qv_all[b * M + gi] = T(qv);
@@ -240,20 +254,11 @@ void panel_epilogue_cpu(int div, const Tensor& px, const Tensor& py, int64_t b0,
   const int64_t bc = px.size(0), nr = px.size(1), M = px.size(2);
   AT_DISPATCH_FLOATING_TYPES(px.scalar_type(), "d2sm_panel_epilogue_cpu", [&] {
     using T = scalar_t;
-    const Columns<T> c{rx.data_ptr<T>(), ry.data_ptr<T>(), cols[0].data_ptr<T>(), cols[1].data_ptr<T>(),
-                       cols[2].data_ptr<T>(), cols[3].data_ptr<T>(), cols[4].data_ptr<T>()};
-    T* f = stats.defined() ? stats[0].data_ptr<T>() : nullptr;
-    T* pu = stats.defined() ? stats[1].data_ptr<T>() : nullptr;
-    T* qv = stats.defined() ? stats[2].data_ptr<T>() : nullptr;
-    T *sx = px.data_ptr<T>(), *sy = py.data_ptr<T>();
-    switch (div) {
-      case KL: return panel_epilogue_rows<T, KL>(sx, sy, bc, nr, b0, row0, M, c, exclude_self, eps, grad_x, grad_y, f, pu, qv);
-      case REVERSE_KL:
-        return panel_epilogue_rows<T, REVERSE_KL>(sx, sy, bc, nr, b0, row0, M, c, exclude_self, eps, grad_x, grad_y, f, pu, qv);
-      case SYMMETRIC_KL:
-        return panel_epilogue_rows<T, SYMMETRIC_KL>(sx, sy, bc, nr, b0, row0, M, c, exclude_self, eps, grad_x, grad_y, f, pu, qv);
-      default: return panel_epilogue_rows<T, JS>(sx, sy, bc, nr, b0, row0, M, c, exclude_self, eps, grad_x, grad_y, f, pu, qv);
-    }
+    const auto ptr = PanelPointers<T>::of(px, py, rx, ry, cols, stats);
+    dispatch_pass(div, stats.defined(), grad_x, grad_y, [&](auto div_tag, auto kind) {
+      panel_epilogue_rows<T, decltype(div_tag)::value, decltype(kind)>(
+          ptr.gram_x, ptr.gram_y, bc, nr, b0, row0, M, ptr.columns, exclude_self, eps, ptr.f, ptr.pu, ptr.qv);
+    });
   });
 }
 

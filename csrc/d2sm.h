@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include "pair_math.h"
+
 namespace d2sm_ext {
 
 // Panel epilogue. px/py: (bc, nr, M) contiguous raw Gram panels of sample rows row0…row0+nr−1 of
@@ -21,6 +23,26 @@ using PanelEpilogueFn = void (*)(int div, const at::Tensor& px, const at::Tensor
 // s, t: (B, d) Σ_j x̂_j and Σ_j α_j ū_j x̂_j.
 using FinishRowsFn = void (*)(const at::Tensor& pairwise, const at::Tensor& live, const at::Tensor& r,
                               const at::Tensor& coef, const at::Tensor& s, const at::Tensor& t, bool exclude_self);
+
+// The raw pointers both epilogue implementations take, from PanelEpilogueFn's tensors.
+template <typename T>
+struct PanelPointers {
+  T *gram_x, *gram_y;
+  Columns<T> columns;
+  T *f, *pu, *qv;  // statistics rows (B, M); null when the statistics are not wanted
+
+  static PanelPointers of(const at::Tensor& px, const at::Tensor& py, const at::Tensor& rx, const at::Tensor& ry,
+                          const at::Tensor& cols, const at::Tensor& stats) {
+    const bool s = stats.defined();
+    return {px.data_ptr<T>(),
+            py.data_ptr<T>(),
+            {rx.data_ptr<T>(), ry.data_ptr<T>(), cols[0].data_ptr<T>(), cols[1].data_ptr<T>(), cols[2].data_ptr<T>(),
+             cols[3].data_ptr<T>(), cols[4].data_ptr<T>()},
+            s ? stats[0].data_ptr<T>() : nullptr,
+            s ? stats[1].data_ptr<T>() : nullptr,
+            s ? stats[2].data_ptr<T>() : nullptr};
+  }
+};
 
 void panel_epilogue_cpu(int div, const at::Tensor& px, const at::Tensor& py, int64_t b0, int64_t row0,
                         const at::Tensor& rx, const at::Tensor& ry, const at::Tensor& cols, bool exclude_self,

@@ -17,10 +17,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 
-#include <type_traits>
-
 #include "d2sm.h"
-#include "pair_math.h"
 
 namespace d2sm_ext {
 namespace {
@@ -46,11 +43,10 @@ __device__ Acc block_sum(Acc v, Acc* shared) {
   return total;
 }
 
-template <typename T, int DIV>
+template <typename T, int DIV, typename Kind>
 __global__ void __launch_bounds__(kThreads)
 panel_epilogue_kernel(T* __restrict__ sx, T* __restrict__ sy, int64_t nr, int64_t b0, int64_t row0, int64_t M,
-                      Columns<T> all, bool exclude_self, T eps, bool grad_x, bool grad_y, T* f_all, T* pu_all,
-                      T* qv_all) {
+                      Columns<T> all, bool exclude_self, T eps, T* f_all, T* pu_all, T* qv_all) {
   using Acc = at::acc_type<T, /*is_cuda=*/true>;
   __shared__ Acc shared[kThreads];
   const int64_t row = blockIdx.x;  // panel row = (problem b0 + row / nr, sample row row0 + row % nr)
@@ -58,14 +54,16 @@ panel_epilogue_kernel(T* __restrict__ sx, T* __restrict__ sy, int64_t nr, int64_
   const Columns<T> c = all.shifted(b * M);
   const RowConstants<T> ri = RowConstants<T>::load(c, gi);
   const int64_t skip = exclude_self ? gi : -1;
-  const bool want_stats = f_all != nullptr;
   T* row_x = sx + row * M;
   T* row_y = sy + row * M;
   RowSums<Acc> sums{0, 0, 0};
   for (int64_t j = threadIdx.x; j < M; j += kThreads) {
-    epilogue_pair<DIV>(row_x[j], row_y[j], ri, c, j, j != skip, eps, want_stats, grad_x, grad_y, DeviceLog{}, sums);
+    const RowSums<T> t = epilogue_pair<DIV, Kind>(row_x[j], row_y[j], ri, c, j, j != skip, eps, DeviceLog{});
+    sums.f += Acc(t.f);
+    sums.pu += Acc(t.pu);
+    sums.qv += Acc(t.qv);
   }
-  if (want_stats) {
+  if constexpr (Kind::stats) {
     const Acc f = block_sum(sums.f, shared);
     const Acc pu = block_sum(sums.pu, shared);
     const Acc qv = block_sum(sums.qv, shared);
@@ -120,24 +118,12 @@ void panel_epilogue_cuda(int div, const at::Tensor& px, const at::Tensor& py, in
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(px.scalar_type(), "d2sm_panel_epilogue_cuda", [&] {
     using T = scalar_t;
-    const Columns<T> c{rx.data_ptr<T>(), ry.data_ptr<T>(), cols[0].data_ptr<T>(), cols[1].data_ptr<T>(),
-                       cols[2].data_ptr<T>(), cols[3].data_ptr<T>(), cols[4].data_ptr<T>()};
-    T* f = stats.defined() ? stats[0].data_ptr<T>() : nullptr;
-    T* pu = stats.defined() ? stats[1].data_ptr<T>() : nullptr;
-    T* qv = stats.defined() ? stats[2].data_ptr<T>() : nullptr;
-    T *sx = px.data_ptr<T>(), *sy = py.data_ptr<T>();
+    const auto ptr = PanelPointers<T>::of(px, py, rx, ry, cols, stats);
     const dim3 grid(static_cast<unsigned>(blocks));
-    auto launch = [&](auto div_tag) {
-      constexpr int DIV = decltype(div_tag)::value;
-      panel_epilogue_kernel<T, DIV><<<grid, kThreads, 0, stream>>>(sx, sy, nr, b0, row0, M, c, exclude_self, T(eps),
-                                                                  grad_x, grad_y, f, pu, qv);
-    };
-    switch (div) {
-      case KL: launch(std::integral_constant<int, KL>{}); break;
-      case REVERSE_KL: launch(std::integral_constant<int, REVERSE_KL>{}); break;
-      case SYMMETRIC_KL: launch(std::integral_constant<int, SYMMETRIC_KL>{}); break;
-      default: launch(std::integral_constant<int, JS>{}); break;
-    }
+    dispatch_pass(div, stats.defined(), grad_x, grad_y, [&](auto div_tag, auto kind) {
+      panel_epilogue_kernel<T, decltype(div_tag)::value, decltype(kind)><<<grid, kThreads, 0, stream>>>(
+          ptr.gram_x, ptr.gram_y, nr, b0, row0, M, ptr.columns, exclude_self, T(eps), ptr.f, ptr.pu, ptr.qv);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define D2SM_INLINE __host__ __device__ __forceinline__
@@ -41,9 +42,9 @@ struct RowConstants {
 };
 
 // What one pair adds to row i's sums: F_i, ū_i = Σ_j p_ij u_ij and v̄_i = Σ_j q_ij v_ij.
-template <typename Acc>
+template <typename T>
 struct RowSums {
-  Acc f, pu, qv;
+  T f, pu, qv;
 };
 
 // u_ij = ∂f_i/∂p_ij and v_ij = ∂f_i/∂q_ij for row i's divergence f_i (see triton_backend.py).
@@ -61,15 +62,23 @@ D2SM_INLINE void pair_weights(T p, T q, T lpq, Log log_fn, T& u, T& v) {
   }
 }
 
-// The pair (i, j) of a panel: accumulates row i's sums when `want_stats`, and overwrites the raw
-// Gram entries with W'_ij = (α_i u_ij + α_j u_ji)·r_j (x side) and (β_i v_ij + β_j v_ji)·r_j
-// (y side) when those gradients are wanted; u_ji comes from the same K', K as they are symmetric.
-// `keep` is false for the excluded diagonal (its W' is 0 and it adds nothing). Branch-free
-// (selects only) so that the CPU loop vectorises; `0·log 0 = 0` is kept by the selects.
-template <int DIV, typename T, typename Acc, typename Log>
-D2SM_INLINE void epilogue_pair(T& gram_x, T& gram_y, const RowConstants<T>& ri, const Columns<T>& c, int64_t j,
-                               bool keep, T eps, bool want_stats, bool grad_x, bool grad_y, Log log_fn,
-                               RowSums<Acc>& sums) {
+// What a pass computes, as compile-time flags: with runtime flags the loop keeps branches (and
+// conditional stores) that stop the CPU compiler from vectorising it.
+template <bool STATS, bool GRAD_X, bool GRAD_Y>
+struct PassKind {
+  static constexpr bool stats = STATS, grad_x = GRAD_X, grad_y = GRAD_Y;
+};
+
+// The pair (i, j) of a panel: returns its terms of row i's sums (zeros unless Kind::stats) and
+// overwrites the raw Gram entries with W'_ij = (α_i u_ij + α_j u_ji)·r_j (x side) and
+// (β_i v_ij + β_j v_ji)·r_j (y side) for the sides in Kind::grad_x / grad_y; u_ji comes from the
+// same K'_ij, K_ij, as both kernels are symmetric. `keep` is false for the excluded diagonal (its
+// W' is 0 and it adds nothing). Branch-free (selects only) so that the CPU loop vectorises;
+// `0·log 0 = 0` is kept by the selects.
+template <int DIV, typename Kind, typename T, typename Log>
+D2SM_INLINE RowSums<T> epilogue_pair(T& gram_x, T& gram_y, const RowConstants<T>& ri, const Columns<T>& c, int64_t j,
+                                     bool keep, T eps, Log log_fn) {
+  RowSums<T> sums{T(0), T(0), T(0)};
   const T half = T(0.5), zero = T(0), one = T(1), two = T(2);
   const T rxj = c.rx[j], ryj = c.ry[j];
   T ka = half + half * (gram_x * ri.rx * rxj);
@@ -80,7 +89,7 @@ D2SM_INLINE void epilogue_pair(T& gram_x, T& gram_y, const RowConstants<T>& ri, 
   const T lab = pos ? log_fn(pos ? ka / kb : one) : zero;  // log(K'/K)
   const T p = ka * ri.inv_a, q = kb * ri.inv_b;
   const T lpq = lab + ri.log_ba;  // log(p_ij / q_ij)
-  if (want_stats) {
+  if constexpr (Kind::stats) {
     T tf, tpu, tqv;
     if constexpr (DIV == KL) {
       tf = p > zero ? p * lpq : zero; tpu = tf; tqv = -p;
@@ -98,18 +107,44 @@ D2SM_INLINE void epilogue_pair(T& gram_x, T& gram_y, const RowConstants<T>& ri, 
       tqv = half * q * lqm;
       tf = tpu + tqv;
     }
-    sums.f += keep ? Acc(tf) : Acc(0);
-    sums.pu += keep ? Acc(tpu) : Acc(0);
-    sums.qv += keep ? Acc(tqv) : Acc(0);
+    sums.f = keep ? tf : zero;
+    sums.pu = keep ? tpu : zero;
+    sums.qv = keep ? tqv : zero;
   }
-  if (grad_x || grad_y) {
+  if constexpr (Kind::grad_x || Kind::grad_y) {
     const T pj = ka * c.inv_a[j], qj = kb * c.inv_b[j];
     const T lpq_j = lab + c.log_ba[j];
     T u_ij, v_ij, u_ji, v_ji;
     pair_weights<DIV>(p, q, lpq, log_fn, u_ij, v_ij);
     pair_weights<DIV>(pj, qj, lpq_j, log_fn, u_ji, v_ji);
-    if (grad_x) gram_x = keep ? (ri.alpha * u_ij + c.w_a[j] * u_ji) * rxj : zero;
-    if (grad_y) gram_y = keep ? (ri.beta * v_ij + c.w_b[j] * v_ji) * ryj : zero;
+    if constexpr (Kind::grad_x) gram_x = keep ? (ri.alpha * u_ij + c.w_a[j] * u_ji) * rxj : zero;
+    if constexpr (Kind::grad_y) gram_y = keep ? (ri.beta * v_ij + c.w_b[j] * v_ji) * ryj : zero;
+  }
+  return sums;
+}
+
+// Calls fn(std::integral_constant<int, DIV>{}, PassKind<...>{}) for runtime values (host code);
+// nothing when neither statistics nor a gradient is asked.
+template <typename Fn>
+void dispatch_pass(int div, bool stats, bool grad_x, bool grad_y, Fn&& fn) {
+  auto with_div = [&](auto kind) {
+    switch (div) {
+      case KL: return fn(std::integral_constant<int, KL>{}, kind);
+      case REVERSE_KL: return fn(std::integral_constant<int, REVERSE_KL>{}, kind);
+      case SYMMETRIC_KL: return fn(std::integral_constant<int, SYMMETRIC_KL>{}, kind);
+      default: return fn(std::integral_constant<int, JS>{}, kind);
+    }
+  };
+  const int code = (stats ? 4 : 0) | (grad_x ? 2 : 0) | (grad_y ? 1 : 0);
+  switch (code) {
+    case 0: return;  // nothing asked
+    case 1: return with_div(PassKind<false, false, true>{});
+    case 2: return with_div(PassKind<false, true, false>{});
+    case 3: return with_div(PassKind<false, true, true>{});
+    case 4: return with_div(PassKind<true, false, false>{});
+    case 5: return with_div(PassKind<true, false, true>{});
+    case 6: return with_div(PassKind<true, true, false>{});
+    default: return with_div(PassKind<true, true, true>{});
   }
 }
 

@@ -9,7 +9,9 @@ Tolerances (explicit per dtype; see DESIGN §2 and the flash-attention rule for 
 """
 import torch
 
+import d2sm_ext
 from d2sm_ext.reference import d2sm_reference, dense_divergence
+from literal import literal_d2sm
 
 RTOL_F32 = 1e-4
 ATOL_F32 = 1e-7
@@ -68,8 +70,6 @@ def assert_f32_close(got, want, what):
 
 
 def run_backend(backend, x, y, mem, div, excl, red, upstream=None, **kw):
-    import d2sm_ext
-
     xm, ym = (None, None) if mem is None else mem
     out = d2sm_ext.d2sm_divergence(x, y, div, excl, red, backend=backend, x_memory=xm, y_memory=ym, **kw)
     up = torch.ones_like(out) * 2.0 if upstream is None else upstream.to(out.device, out.dtype)
@@ -135,3 +135,74 @@ def check_low_precision(backend, shape, n_memory, div, excl, red, device, dtype)
         floor = 1e-3 * truth.abs().max().item()  # one low-precision ulp-ish: ties at tiny errors
         assert err <= LOW_PRECISION_FACTOR * base_err + floor, (
             f"{name}: {dtype} error {err:.3e} > 2 × plain-PyTorch {dtype} error {base_err:.3e} (+{floor:.1e})")
+
+
+def check_float64_literal(backend, device, div, excl, red):
+    """float64 end to end: the independent literal loops and the reference agree to 1e-10."""
+    x = torch.randn(2, 9, 5, dtype=torch.float64)
+    y = x + torch.randn(2, 9, 5, dtype=torch.float64)
+    xm, ym = torch.randn(2, 4, 5, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    got = d2sm_ext.d2sm_divergence(x.to(device), y.to(device), div, excl, red, backend=backend,
+                                   x_memory=xm.to(device), y_memory=ym.to(device)).cpu()
+    want = torch.tensor(literal_d2sm(x, y, div, excl, red, x_memory=xm, y_memory=ym), dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, d2sm_reference(x, y, div, excl, red, x_memory=xm, y_memory=ym),
+                               rtol=1e-10, atol=1e-12)
+
+
+def check_gradcheck(backend, device, div, excl, red):
+    """torch.autograd.gradcheck in float64 through the backend, memory rows included."""
+    x = torch.randn(6, 4, dtype=torch.float64, device=device, requires_grad=True)
+    y = torch.randn(6, 4, dtype=torch.float64, device=device, requires_grad=True)
+    xm = torch.randn(3, 4, dtype=torch.float64, device=device)
+    ym = torch.randn(3, 4, dtype=torch.float64, device=device)
+    assert torch.autograd.gradcheck(
+        lambda a, b: d2sm_ext.d2sm_divergence(a, b, div, excl, red, backend=backend, x_memory=xm, y_memory=ym),
+        (x, y))
+
+
+def check_edge_rows_float64(backend, device, div, excl):
+    """Zero, duplicated and antipodal rows in float64 (values and gradients)."""
+    x, y, mem = edge_inputs(device, torch.float64)
+    for red in ("mean", "none"):
+        up = None if red == "mean" else torch.randn(13, dtype=torch.float64)
+        want, wgx, wgy = reference64(x, y, mem, div, excl, red, up)
+        got, gx, gy = run_backend(backend, x, y, mem, div, excl, red, up)
+        # float64 end to end: the antipodal log-kernel is conditioned like 1e-16/eps = 1e-8
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(gx.cpu(), wgx, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(gy.cpu(), wgy, rtol=1e-6, atol=1e-9)
+        assert (gx[0] == 0).all() and (gy[3] == 0).all()
+
+
+def check_opcheck(forward_op, backward_op, device):
+    """torch.library.opcheck on a fused backend's two ops (inputs with and without grad)."""
+    x, y, mem = make_inputs((2, 6, 5), 3, device)
+    for red, need in (("mean", True), ("none", False), ("sum", True)):
+        torch.library.opcheck(forward_op.default, (x, y, mem[0], mem[1], "kl", True, 1e-8, False, red, need, need))
+    saved = forward_op(x, y, mem[0], mem[1], "kl", True, 1e-8, False, "none", False, False)[1]
+    up = torch.randn(2, 9, device=device)
+    # The backward op is first-order only (no double backward), so its autograd tests do not apply.
+    torch.library.opcheck(backward_op.default,
+                          (x.detach(), y.detach(), mem[0], mem[1], saved, up, "kl", True, 1e-8, False, True, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def check_compile_fullgraph(backend, device, divergence):
+    """torch.compile(fullgraph=True) of a small model calling the loss: no graph break, same
+    value and parameter gradient as eager."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(8, 16).to(device)
+    xin, yfeat = torch.randn(12, 8, device=device), torch.randn(12, 16, device=device)
+
+    def step(inp):
+        return d2sm_ext.d2sm_divergence(net(inp), yfeat, divergence=divergence, backend=backend)
+
+    eager = step(xin)
+    eager.backward()
+    g_eager = net.weight.grad.clone()
+    net.zero_grad()
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(xin)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(net.weight.grad, g_eager)

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import d2sm_ext
-from backend_cases import (assert_f32_close, check_low_precision, check_non_contiguous, check_parity, edge_inputs,
-                           make_inputs, reference64, run_backend)
+from backend_cases import (assert_f32_close, check_compile_fullgraph, check_edge_rows_float64, check_float64_literal,
+                           check_gradcheck, check_low_precision, check_non_contiguous, check_opcheck, check_parity,
+                           make_inputs, run_backend)
 from d2sm_ext import cpp_backend
-from d2sm_ext.reference import DIVERGENCES, REDUCTIONS, d2sm_reference
-from literal import literal_d2sm
+from d2sm_ext.reference import DIVERGENCES, REDUCTIONS
 
 if cpp_backend.LOAD_ERROR is not None:
     pytest.fail(f"the C++ extension must be built for the test suite: {cpp_backend.LOAD_ERROR}", pytrace=False)
@@ -36,41 +36,20 @@ def test_parity_float32(div, excl, red, shape, n_memory):
 
 @pytest.mark.parametrize("div,excl,red", COMBOS)
 def test_float64_matches_literal_and_reference(div, excl, red):
-    x = torch.randn(2, 9, 5, dtype=torch.float64)
-    y = x + torch.randn(2, 9, 5, dtype=torch.float64)
-    xm, ym = torch.randn(2, 4, 5, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
-    got = d2sm_ext.d2sm_divergence(x, y, div, excl, red, backend="cpu", x_memory=xm, y_memory=ym)
-    want = torch.tensor(literal_d2sm(x, y, div, excl, red, x_memory=xm, y_memory=ym), dtype=torch.float64)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(got, d2sm_reference(x, y, div, excl, red, x_memory=xm, y_memory=ym),
-                               rtol=1e-10, atol=1e-12)
+    check_float64_literal("cpu", "cpu", div, excl, red)
 
 
 @pytest.mark.parametrize("div", DIVERGENCES)
 @pytest.mark.parametrize("excl", [True, False])
 @pytest.mark.parametrize("red", ["mean", "none"])
 def test_gradcheck_float64(div, excl, red):
-    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    xm = torch.randn(3, 4, dtype=torch.float64)
-    ym = torch.randn(3, 4, dtype=torch.float64)
-    assert torch.autograd.gradcheck(
-        lambda a, b: d2sm_ext.d2sm_divergence(a, b, div, excl, red, backend="cpu", x_memory=xm, y_memory=ym), (x, y))
+    check_gradcheck("cpu", "cpu", div, excl, red)
 
 
 @pytest.mark.parametrize("div", DIVERGENCES)
 @pytest.mark.parametrize("excl", [True, False])
 def test_edge_rows(div, excl):
-    x, y, mem = edge_inputs("cpu", torch.float64)
-    for red in ("mean", "none"):
-        up = None if red == "mean" else torch.randn(13, dtype=torch.float64)
-        want, wgx, wgy = reference64(x, y, mem, div, excl, red, up)
-        got, gx, gy = run_backend("cpu", x, y, mem, div, excl, red, up)
-        # float64 end to end: the antipodal log-kernel is conditioned like 1e-16/eps = 1e-8
-        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
-        torch.testing.assert_close(gx, wgx, rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(gy, wgy, rtol=1e-6, atol=1e-9)
-        assert (gx[0] == 0).all() and (gy[3] == 0).all()
+    check_edge_rows_float64("cpu", "cpu", div, excl)
 
 
 def test_non_contiguous_inputs_and_memory():
@@ -110,32 +89,11 @@ def test_deterministic_and_threads():
 
 
 def test_opcheck():
-    x, y, mem = make_inputs((2, 6, 5), 3, "cpu")
-    for red, need in (("mean", True), ("none", False), ("sum", True)):
-        torch.library.opcheck(torch.ops.d2sm_ext.fused_forward.default,
-                              (x, y, mem[0], mem[1], "kl", True, 1e-8, False, red, need, need))
-    saved = torch.ops.d2sm_ext.fused_forward(x, y, mem[0], mem[1], "kl", True, 1e-8, False, "none", False, False)[1]
-    torch.library.opcheck(torch.ops.d2sm_ext.fused_backward.default,
-                          (x.detach(), y.detach(), mem[0], mem[1], saved, torch.randn(2, 9), "kl", True, 1e-8,
-                           False, True, True), test_utils=("test_schema", "test_faketensor"))
+    check_opcheck(torch.ops.d2sm_ext.fused_forward, torch.ops.d2sm_ext.fused_backward, "cpu")
 
 
 def test_torch_compile_fullgraph():
-    torch.manual_seed(0)
-    net = torch.nn.Linear(8, 16)
-    xin, yfeat = torch.randn(12, 8), torch.randn(12, 16)
-
-    def step(inp):
-        return d2sm_ext.d2sm_divergence(net(inp), yfeat, divergence="symmetric_kl", backend="cpu")
-
-    eager = step(xin)
-    eager.backward()
-    g_eager = net.weight.grad.clone()
-    net.zero_grad()
-    out = torch.compile(step, fullgraph=True, backend="aot_eager")(xin)
-    out.backward()
-    torch.testing.assert_close(out, eager)
-    torch.testing.assert_close(net.weight.grad, g_eager)
+    check_compile_fullgraph("cpu", "cpu", "symmetric_kl")
 
 
 def test_auto_picks_cpu_backend_for_cpu_tensors():

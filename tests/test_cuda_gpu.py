@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import d2sm_ext
-from backend_cases import (LOW_PRECISION_FACTOR, assert_f32_close, check_low_precision, check_non_contiguous,
-                           check_parity, edge_inputs, make_inputs, max_err, reference64, run_backend)
+from backend_cases import (LOW_PRECISION_FACTOR, assert_f32_close, check_compile_fullgraph, check_edge_rows_float64,
+                           check_float64_literal, check_gradcheck, check_low_precision, check_non_contiguous,
+                           check_opcheck, check_parity, edge_inputs, make_inputs, max_err, reference64, run_backend)
 from d2sm_ext import cpp_backend
 from d2sm_ext.reference import DIVERGENCES, REDUCTIONS, d2sm_reference, dense_divergence
-from literal import literal_d2sm
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device here: the CUDA kernels are compiled (tests/test_cuda.py), not run",
@@ -34,42 +34,20 @@ def test_parity_float32(div, excl, red, shape, n_memory):
 
 @pytest.mark.parametrize("div,excl,red", COMBOS)
 def test_float64_matches_literal_and_reference(div, excl, red):
-    x = torch.randn(2, 9, 5, dtype=torch.float64)
-    y = x + torch.randn(2, 9, 5, dtype=torch.float64)
-    xm, ym = torch.randn(2, 4, 5, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
-    got = d2sm_ext.d2sm_divergence(x.cuda(), y.cuda(), div, excl, red, backend="cuda", x_memory=xm.cuda(),
-                                   y_memory=ym.cuda()).cpu()
-    want = torch.tensor(literal_d2sm(x, y, div, excl, red, x_memory=xm, y_memory=ym), dtype=torch.float64)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(got, d2sm_reference(x, y, div, excl, red, x_memory=xm, y_memory=ym),
-                               rtol=1e-10, atol=1e-12)
+    check_float64_literal("cuda", "cuda", div, excl, red)
 
 
 @pytest.mark.parametrize("div", DIVERGENCES)
 @pytest.mark.parametrize("excl", [True, False])
 @pytest.mark.parametrize("red", ["mean", "none"])
 def test_gradcheck_float64(div, excl, red):
-    x = torch.randn(6, 4, dtype=torch.float64, device="cuda", requires_grad=True)
-    y = torch.randn(6, 4, dtype=torch.float64, device="cuda", requires_grad=True)
-    xm = torch.randn(3, 4, dtype=torch.float64, device="cuda")
-    ym = torch.randn(3, 4, dtype=torch.float64, device="cuda")
-    assert torch.autograd.gradcheck(
-        lambda a, b: d2sm_ext.d2sm_divergence(a, b, div, excl, red, backend="cuda", x_memory=xm, y_memory=ym), (x, y))
+    check_gradcheck("cuda", "cuda", div, excl, red)
 
 
 @pytest.mark.parametrize("div", DIVERGENCES)
 @pytest.mark.parametrize("excl", [True, False])
 def test_edge_rows_float64(div, excl):
-    x, y, mem = edge_inputs("cuda", torch.float64)
-    for red in ("mean", "none"):
-        up = None if red == "mean" else torch.randn(13, dtype=torch.float64)
-        want, wgx, wgy = reference64(x, y, mem, div, excl, red, up)
-        got, gx, gy = run_backend("cuda", x, y, mem, div, excl, red, up)
-        # float64 end to end: the antipodal log-kernel is conditioned like 1e-16/eps = 1e-8
-        torch.testing.assert_close(got.cpu(), want, rtol=1e-7, atol=1e-10)
-        torch.testing.assert_close(gx.cpu(), wgx, rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(gy.cpu(), wgy, rtol=1e-6, atol=1e-9)
-        assert (gx[0] == 0).all() and (gy[3] == 0).all()
+    check_edge_rows_float64("cuda", "cuda", div, excl)
 
 
 @pytest.mark.parametrize("div", DIVERGENCES)
@@ -150,29 +128,8 @@ def test_side_stream_and_deterministic():
 
 
 def test_opcheck():
-    x, y, mem = make_inputs((2, 6, 5), 3, "cuda")
-    for red, need in (("mean", True), ("none", False), ("sum", True)):
-        torch.library.opcheck(torch.ops.d2sm_ext.fused_forward.default,
-                              (x, y, mem[0], mem[1], "kl", True, 1e-8, False, red, need, need))
-    saved = torch.ops.d2sm_ext.fused_forward(x, y, mem[0], mem[1], "kl", True, 1e-8, False, "none", False, False)[1]
-    torch.library.opcheck(torch.ops.d2sm_ext.fused_backward.default,
-                          (x.detach(), y.detach(), mem[0], mem[1], saved, torch.randn(2, 9, device="cuda"), "kl",
-                           True, 1e-8, False, True, True), test_utils=("test_schema", "test_faketensor"))
+    check_opcheck(torch.ops.d2sm_ext.fused_forward, torch.ops.d2sm_ext.fused_backward, "cuda")
 
 
 def test_torch_compile_fullgraph():
-    torch.manual_seed(0)
-    net = torch.nn.Linear(8, 16).cuda()
-    xin, yfeat = torch.randn(12, 8, device="cuda"), torch.randn(12, 16, device="cuda")
-
-    def step(inp):
-        return d2sm_ext.d2sm_divergence(net(inp), yfeat, divergence="symmetric_kl", backend="cuda")
-
-    eager = step(xin)
-    eager.backward()
-    g_eager = net.weight.grad.clone()
-    net.zero_grad()
-    out = torch.compile(step, fullgraph=True, backend="aot_eager")(xin)
-    out.backward()
-    torch.testing.assert_close(out, eager)
-    torch.testing.assert_close(net.weight.grad, g_eager)
+    check_compile_fullgraph("cuda", "cuda", "symmetric_kl")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import d2sm_ext
-from backend_cases import (assert_f32_close, check_low_precision, check_non_contiguous, check_parity, edge_inputs,
-                           make_inputs, reference64, run_backend)
+from backend_cases import (assert_f32_close, check_compile_fullgraph, check_low_precision, check_non_contiguous,
+                           check_opcheck, check_parity, edge_inputs, make_inputs, reference64, run_backend)
 from d2sm_ext.backends import resolve_backend
 from d2sm_ext.reference import DIVERGENCES, REDUCTIONS
 
@@ -132,37 +132,12 @@ def test_deterministic(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    x, y, mem = make_inputs((2, 6, 5), 3, device)
-    up = torch.randn(2, 9, device=device)
-    for red, need in (("mean", True), ("none", False), ("sum", False)):
-        args = (x, y, mem[0], mem[1], "kl", True, 1e-8, False, red, need, need)
-        torch.library.opcheck(torch.ops.d2sm_ext.triton_d2sm.default, args)
-    saved = torch.ops.d2sm_ext.triton_d2sm(x, y, mem[0], mem[1], "kl", True, 1e-8, False, "none", False, False)[1]
-    # The backward op is first-order only (no double backward), so its autograd tests do not apply.
-    torch.library.opcheck(torch.ops.d2sm_ext.triton_d2sm_backward.default,
-                          (x.detach(), y.detach(), mem[0], mem[1], saved, up, "kl", True, 1e-8, False, True, True),
-                          test_utils=("test_schema", "test_faketensor"))
+    check_opcheck(torch.ops.d2sm_ext.triton_d2sm, torch.ops.d2sm_ext.triton_d2sm_backward, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
-    torch.manual_seed(0)
-    net = torch.nn.Linear(8, 16).to(device)
-    xin = torch.randn(12, 8, device=device)
-    yfeat = torch.randn(12, 16, device=device)
-
-    def step(inp):
-        return d2sm_ext.d2sm_divergence(net(inp), yfeat, divergence="js", backend="triton")
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    eager = step(xin)
-    eager.backward()
-    g_eager = net.weight.grad.clone()
-    net.zero_grad()
-    out = compiled(xin)
-    out.backward()
-    torch.testing.assert_close(out, eager)
-    torch.testing.assert_close(net.weight.grad, g_eager)
+    check_compile_fullgraph("triton", device, "js")
 
 
 def test_auto_selection_and_errors():
