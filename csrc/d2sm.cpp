@@ -4,7 +4,7 @@
 //
 // The math is DESIGN §2; the scheme is the one of the Triton backend (d2sm_ext/triton_backend.py):
 //   1. O(M·d): inverse norms r, s = Σ_j x̂_j, closed-form normalisers A_i, B_i.
-//   2. Panels of R rows against all M columns: two Gram panels (x and y) with BLAS (at::mm on the
+//   2. Panels of R rows against all M columns: two Gram panels (x and y) with BLAS (at::bmm on the
 //      raw rows; r_i r_j is applied in the epilogue, so no normalised copy and no copy of the
 //      memory rows), then one parallel pass over the panel that accumulates the row sums
 //      F_i, ū_i = Σ_j p_ij u_ij, v̄_i = Σ_j q_ij v_ij and, for live rows that need a gradient,
