@@ -406,13 +406,19 @@ static std::tuple<Tensor, Tensor> gradients(const Problem& p, const RowStats& st
 // cuBLAS TF32 for fp32 GEMMs follows the op's `tf32` flag (the Python side resolves precision
 // "auto" to the global matmul setting, so the flag usually equals it and nothing is changed);
 // restored on exit. Process-global, like the setting itself: a concurrent fp32 matmul on another
-// thread may see the flag while an op that overrides it runs.
+// thread may see the flag while an op that overrides it runs. When the user set TF32 only through
+// torch.backends.cuda.matmul.fp32_precision (torch >= 2.9), the legacy query below raises and
+// cannot be restored faithfully: cuBLAS then keeps the user's setting (what "auto" resolves to).
 class CublasTf32Scope {
  public:
   CublasTf32Scope(bool cuda, bool tf32) {
     if (!cuda) return;
     auto& ctx = at::globalContext();
-    previous_ = ctx.allowTF32CuBLAS();
+    try {
+      previous_ = ctx.allowTF32CuBLAS();
+    } catch (const c10::Error&) {
+      return;
+    }
     changed_ = previous_ != tf32;
     if (changed_) ctx.setAllowTF32CuBLAS(tf32);
   }

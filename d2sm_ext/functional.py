@@ -138,8 +138,9 @@ def d2sm_divergence(
             of x followed by the memory rows; every row's divergence counts (M = N + Q rows), and
             gradients reach only x and y, never the memory.
         precision: matmul precision of fused backends for float32 inputs: "ieee" (full fp32),
-            "tf32", or "auto" (tf32 exactly when ``torch.get_float32_matmul_precision()`` is not
-            "highest", i.e. when PyTorch's own float32 matmuls may use it). The reference ignores it.
+            "tf32", or "auto" (tf32 exactly when PyTorch's own CUDA float32 matmuls may use it:
+            ``torch.backends.cuda.matmul.fp32_precision`` when set, else
+            ``torch.get_float32_matmul_precision()`` != "highest"). The reference ignores it.
 
     Returns:
         A scalar for "mean"/"sum", per-row values for "none"; in the input dtype.

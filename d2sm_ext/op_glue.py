@@ -91,11 +91,17 @@ def register(forward_name: str, backward_name: str) -> None:
 
 @torch.compiler.assume_constant_result  # a global setting read once at trace time (Dynamo can't call it)
 def _torch_allows_tf32() -> bool:
+    # torch >= 2.9 has a per-backend setting (torch.backends.cuda.matmul.fp32_precision); set on its
+    # own it makes torch.get_float32_matmul_precision() raise, so it is read first when it is set.
+    per_backend = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if per_backend != "none":
+        return per_backend == "tf32"
     return torch.get_float32_matmul_precision() != "highest"
 
 
 def use_tf32(precision: str) -> bool:
-    """The ops' ``tf32`` flag for a ``precision`` option ("auto" follows PyTorch's matmul setting)."""
+    """The ops' ``tf32`` flag for a ``precision`` option ("auto" follows PyTorch's float32 matmul
+    setting: ``torch.set_float32_matmul_precision`` or ``torch.backends.cuda.matmul.fp32_precision``)."""
     if precision == "auto":
         return _torch_allows_tf32()
     return precision == "tf32"

@@ -42,8 +42,8 @@ O(M) statistics. Extra memory: O(M) fp32 row statistics, the W' panels, the (N, 
 gradient buffers.
 
 Precision: row statistics and all accumulations are fp32. float32 inputs use IEEE fp32 dots or
-TF32 tensor-core dots (``precision``: "ieee", "tf32", or "auto" = follow
-``torch.get_float32_matmul_precision()``); float16/bfloat16 inputs use fp16/bf16 tensor-core
+TF32 tensor-core dots (``precision``: "ieee", "tf32", or "auto" = follow PyTorch's float32
+matmul setting, see ``op_glue.use_tf32``); float16/bfloat16 inputs use fp16/bf16 tensor-core
 dots with fp32 accumulation, and W' is rounded to the input dtype for the gradient GEMM.
 Results are deterministic: every output element is written by one program with a fixed loop
 order, the split partials are summed in a fixed order, no atomics.

@@ -49,5 +49,11 @@ def test_precision_switch():
         assert not op_glue.use_tf32("auto")
         torch.set_float32_matmul_precision("high")
         assert op_glue.use_tf32("auto")
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9: the per-backend setting
+            torch.set_float32_matmul_precision("highest")
+            torch.backends.cuda.matmul.fp32_precision = "tf32"  # alone: get_float32_matmul_precision() raises
+            assert op_glue.use_tf32("auto")
+            torch.backends.cuda.matmul.fp32_precision = "ieee"
+            assert not op_glue.use_tf32("auto")
     finally:
-        torch.set_float32_matmul_precision(old)
+        torch.set_float32_matmul_precision(old)  # sets both the global and the per-backend value
