@@ -213,6 +213,7 @@ def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
     n_tiles = triton_cdiv(n, bn_) + triton_cdiv(q, bn_)
     n_panels = int(gx is not None) + int(gy is not None)
     dummy = rx.new_empty(1)
+    log_ba = (bn.double() / a.double()).log().float()  # log(B_i/A_i), a per-row constant that must not cancel
 
     segments = [(x, y, 0, n, True)]
     if compute_stats and q:
@@ -235,7 +236,7 @@ def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
                 r1 - r0, offset + r0,
                 x, y, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
                 xm_, ym_, xm_.stride(0), xm_.stride(1), xm_.stride(2), ym_.stride(0), ym_.stride(1), ym_.stride(2),
-                n, q, d, rx, ry, a, bn, w, part, splits, panel,
+                n, q, d, rx, ry, a, bn, log_ba, w, part, splits, panel,
                 wx if wx is not None else dummy, wy if wy is not None else dummy, eps, per_split,
                 DIV=K.DIVERGENCE_CODES[div], EXCL=exclude_self, COMPUTE_STATS=compute_stats,
                 COMPUTE_GX=wx is not None, COMPUTE_GY=wy is not None,

@@ -104,51 +104,45 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _pair_terms(p, q, DIV: tl.constexpr):
-    """(f, p·u, q·v) of one row's pair terms; zero-probability terms contribute 0."""
+def _pair_terms(p, q, lpq, DIV: tl.constexpr):
+    """(f, p·u, q·v) of one row's pair terms; lpq = log(p/q); zero-probability terms give 0."""
     pos_p = p > 0
     pos_q = q > 0
-    lp = tl.log(tl.where(pos_p, p, 1.0))
-    lq = tl.log(tl.where(pos_q, q, 1.0))
     if DIV == 0:    # kl: f = p log(p/q); u = log(p/q); v = -p/q
-        f = tl.where(pos_p, p * (lp - lq), 0.0)
+        f = tl.where(pos_p, p * lpq, 0.0)
         pu = f
         qv = -p
     elif DIV == 1:  # reverse_kl: f = q log(q/p); u = -q/p; v = log(q/p)
-        f = tl.where(pos_q, q * (lq - lp), 0.0)
+        f = tl.where(pos_q, -q * lpq, 0.0)
         pu = -q
         qv = f
     elif DIV == 2:  # symmetric_kl: ½ of both
-        f = 0.5 * (p - q) * (lp - lq)
-        pu = 0.5 * (tl.where(pos_p, p * (lp - lq), 0.0) - q)
-        qv = 0.5 * (tl.where(pos_q, q * (lq - lp), 0.0) - p)
+        f = 0.5 * (p - q) * lpq
+        pu = 0.5 * (tl.where(pos_p, p * lpq, 0.0) - q)
+        qv = 0.5 * (tl.where(pos_q, -q * lpq, 0.0) - p)
     else:           # js: m = (p+q)/2; f = ½ p log(p/m) + ½ q log(q/m); u = ½ log(p/m); v = ½ log(q/m)
-        mid = 0.5 * (p + q)
-        lm = tl.log(tl.where(mid > 0, mid, 1.0))
-        pu = tl.where(pos_p, 0.5 * p * (lp - lm), 0.0)
-        qv = tl.where(pos_q, 0.5 * q * (lq - lm), 0.0)
+        s = p + q
+        pu = tl.where(pos_p, 0.5 * p * tl.log(tl.where(pos_p, 2.0 * p / s, 1.0)), 0.0)
+        qv = tl.where(pos_q, 0.5 * q * tl.log(tl.where(pos_q, 2.0 * q / s, 1.0)), 0.0)
         f = pu + qv
     return f, pu, qv
 
 
 @triton.jit
-def _grad_weights(p, q, DIV: tl.constexpr):
-    """(u, v) = (∂f/∂p, ∂f/∂q) of the pair terms with constants dropped."""
-    lp = tl.log(tl.where(p > 0, p, 1.0))
-    lq = tl.log(tl.where(q > 0, q, 1.0))
+def _grad_weights(p, q, lpq, DIV: tl.constexpr):
+    """(u, v) = (∂f/∂p, ∂f/∂q) of the pair terms with constants dropped; lpq = log(p/q)."""
     if DIV == 0:
-        u = lp - lq
+        u = lpq
         v = -p / q
     elif DIV == 1:
         u = -q / p
-        v = lq - lp
+        v = -lpq
     elif DIV == 2:
-        u = 0.5 * (lp - lq - q / p)
-        v = 0.5 * (lq - lp - p / q)
+        u = 0.5 * (lpq - q / p)
+        v = 0.5 * (-lpq - p / q)
     else:
-        lm = tl.log(0.5 * (p + q))
-        u = 0.5 * (lp - lm)
-        v = 0.5 * (lq - lm)
+        u = 0.5 * tl.log(2.0 * p / (p + q))
+        v = 0.5 * tl.log(2.0 * q / (p + q))
     return u, v
 
 
@@ -158,7 +152,7 @@ def pair_panel_kernel(
     xl_ptr, yl_ptr, sxl_b, sxl_m, sxl_d, syl_b, syl_m, syl_d,
     xm_ptr, ym_ptr, sxm_b, sxm_m, sxm_d, sym_b, sym_m, sym_d,
     N, Q, D,
-    rx_ptr, ry_ptr, a_ptr, bn_ptr, w_ptr,
+    rx_ptr, ry_ptr, a_ptr, bn_ptr, lba_ptr, w_ptr,
     part_ptr, n_splits, panel_rows,
     wx_ptr, wy_ptr,
     eps, tiles_per_split,
@@ -189,6 +183,7 @@ def pair_panel_kernel(
     ryi = tl.load(ry_ptr + stat_i, mask=rows_ok, other=0.0)
     inv_ai = 1.0 / tl.load(a_ptr + stat_i, mask=rows_ok, other=1.0)
     inv_bi = 1.0 / tl.load(bn_ptr + stat_i, mask=rows_ok, other=1.0)
+    lba_i = tl.load(lba_ptr + stat_i, mask=rows_ok, other=0.0)
     w_i = tl.load(w_ptr + stat_i, mask=rows_ok, other=0.0)
     alpha_i = w_i * inv_ai
     beta_i = w_i * inv_bi
@@ -241,8 +236,12 @@ def pair_panel_kernel(
             valid = valid & (gi[:, None] != gj[None, :])
         p_ij = ka * inv_ai[:, None]
         q_ij = kb * inv_bi[:, None]
+        # log(p/q) = log(K'/K) + log(B_i/A_i): two small or exact terms, where log p − log q
+        # would subtract two ~log M numbers (the C++ kernels' form, csrc/pair_math.h)
+        pos = (ka > 0) & (kb > 0)  # false only with eps = 0 and antipodal rows
+        lab = tl.where(pos, tl.log(tl.where(pos, ka / kb, 1.0)), 0.0)
         if COMPUTE_STATS:
-            f, pu, qv = _pair_terms(p_ij, q_ij, DIV)
+            f, pu, qv = _pair_terms(p_ij, q_ij, lab + lba_i[:, None], DIV)
             f_acc += tl.sum(tl.where(valid, f, 0.0), axis=1)
             pu_acc += tl.sum(tl.where(valid, pu, 0.0), axis=1)
             qv_acc += tl.sum(tl.where(valid, qv, 0.0), axis=1)
@@ -250,9 +249,10 @@ def pair_panel_kernel(
             a_j = tl.load(a_ptr + stat_j, mask=cols_ok, other=1.0)
             b_j = tl.load(bn_ptr + stat_j, mask=cols_ok, other=1.0)
             w_j = tl.load(w_ptr + stat_j, mask=cols_ok, other=0.0)
+            lba_j = tl.load(lba_ptr + stat_j, mask=cols_ok, other=0.0)
             # Row i's weights (u_ij, v_ij) and, as a and b are symmetric, column j's (u_ji, v_ji).
-            u_ij, v_ij = _grad_weights(p_ij, q_ij, DIV)
-            u_ji, v_ji = _grad_weights(ka / a_j[None, :], kb / b_j[None, :], DIV)
+            u_ij, v_ij = _grad_weights(p_ij, q_ij, lab + lba_i[:, None], DIV)
+            u_ji, v_ji = _grad_weights(ka / a_j[None, :], kb / b_j[None, :], lab + lba_j[None, :], DIV)
             panel = b * panel_rows * M + rows[:, None] * M + gj[None, :]
             store_ok = rows_ok[:, None] & cols_ok[None, :]
             if COMPUTE_GX:

@@ -12,7 +12,7 @@ from triton.compiler import ASTSource
 from d2sm_ext import triton_kernels as K
 
 INPUT_POINTERS = {"xl_ptr", "yl_ptr", "xm_ptr", "ym_ptr", "x_ptr", "xi_ptr", "yi_ptr"}
-PAIR_POINTERS = INPUT_POINTERS | {"part_ptr", "wx_ptr", "wy_ptr", "rx_ptr", "ry_ptr", "a_ptr", "bn_ptr", "w_ptr"}
+PAIR_POINTERS = INPUT_POINTERS | {"part_ptr", "wx_ptr", "wy_ptr", "rx_ptr", "ry_ptr", "a_ptr", "bn_ptr", "lba_ptr", "w_ptr"}
 
 # (dtype, precision, divergence code, exclude_self, stats, grad x, grad y)
 PAIR_VARIANTS = [
