@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <tuple>
@@ -288,9 +289,16 @@ static void grad_panel(const Problem& p, bool is_y, int64_t b0, int64_t bc, cons
 
 // Panel rows: the two (rows × M) panels stay within a budget (64 MiB on CPU, where they should
 // stay in cache-friendly sizes; 256 MiB on CUDA, where larger GEMMs fill the device); small
-// problems are batched so that a panel holds several whole problems (one bmm per chunk).
+// problems are batched so that a panel holds several whole problems (one bmm per chunk). The
+// Triton backend's environment knobs apply here too: D2SM_PANEL_MB sets the budget, and
+// D2SM_PANEL_ROWS forces the row count (tests use it to run several panels at small M).
 static int64_t panel_rows(int64_t M, int64_t element_size, bool cuda) {
-  const int64_t budget = int64_t(cuda ? 256 : 64) << 20;
+  if (const char* forced = std::getenv("D2SM_PANEL_ROWS"); forced && *forced) {
+    return std::max<int64_t>(1, std::atoll(forced));
+  }
+  double budget_mb = cuda ? 256.0 : 64.0;
+  if (const char* mb = std::getenv("D2SM_PANEL_MB"); mb && *mb) budget_mb = std::atof(mb);
+  const auto budget = static_cast<int64_t>(budget_mb * double(1 << 20));
   return std::max<int64_t>(budget / std::max<int64_t>(2 * M * element_size, 1), 16);
 }
 

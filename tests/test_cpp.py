@@ -157,3 +157,10 @@ def test_cmake_build_loads_with_load_library(tmp_path):
     env = dict(os.environ, D2SM_NO_EXTENSION="1", PYTHONPATH=ROOT)  # the CMake library, not d2sm_ext._C
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout[-2000:] + run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("red", ["mean", "none"])
+def test_several_panels_and_batch_chunks(red, monkeypatch):
+    """Panels of 48 rows (3 panels for 130 live rows, one problem per chunk), as for large M."""
+    monkeypatch.setenv("D2SM_PANEL_ROWS", "48")
+    check_parity("cpu", (3, 130, 20), 30, "symmetric_kl", True, red, "cpu")

@@ -96,13 +96,20 @@ def test_tf32_precision_and_the_global_flag_is_restored():
 
 
 def test_several_panels():
-    """More live rows than one panel holds (256 MiB of fp32 panels: 5461 rows at M = 6144)."""
+    """More live rows than one panel holds under the default budget (256 MiB of fp32 panels:
+    5461 rows at M = 6144)."""
     x, y, mem = make_inputs((6000, 8), 144, "cuda")
     want, wgx, wgy = reference64(x, y, mem, "symmetric_kl", True, "mean")
     got, gx, gy = run_backend("cuda", x, y, mem, "symmetric_kl", True, "mean")
     assert_f32_close(got, want, "value")
     assert_f32_close(gx, wgx, "grad x")
     assert_f32_close(gy, wgy, "grad y")
+
+
+@pytest.mark.parametrize("red", ["mean", "none"])
+def test_forced_small_panels_and_batch_chunks(red, monkeypatch):
+    monkeypatch.setenv("D2SM_PANEL_ROWS", "48")
+    check_parity("cuda", (3, 130, 20), 30, "symmetric_kl", True, red, "cuda")
 
 
 def test_memory_only_live_rows_empty():
