@@ -2,27 +2,35 @@
 // pass, and its CPU kernels (the CUDA kernels are in d2sm_cuda.cu; the per-pair math both share
 // is csrc/pair_math.h).
 //
-// The math is DESIGN §2; the scheme is the one of the Triton backend (d2sm_ext/triton_backend.py):
+// The math is DESIGN §2. Two passes share the steps before and after the pairwise work:
 //   1. O(M·d): inverse norms r, s = Σ_j x̂_j, closed-form normalisers A_i, B_i.
-//   2. Panels of R rows against all M columns: two Gram panels (x and y) with BLAS (at::bmm on the
-//      raw rows; r_i r_j is applied in the epilogue, so no normalised copy and no copy of the
-//      memory rows), then one parallel pass over the panel that accumulates the row sums
-//      F_i, ū_i = Σ_j p_ij u_ij, v̄_i = Σ_j q_ij v_ij and, for live rows that need a gradient,
-//      overwrites the Gram panel with W'_ij = (α_i u_ij + α_j u_ji)·r_j; a third BLAS product
-//      W'·X gives the pairwise gradient sums of the panel's rows.
+//   2a. CPU (default): symmetric blocks. Each pair (i, j) is visited once, in Gram blocks of
+//      normalised rows for block pairs I ≤ J; one vectorised pass per block accumulates row i's
+//      and row j's sums F, ū = Σ p·u, v̄ = Σ q·v and leaves the symmetric weights S_ij, and two
+//      BLAS products G_I += S·X̂_J, G_J += Sᵀ·X̂_I give the pairwise gradient sums
+//      (see symmetric_pass_cpu).
+//   2b. CUDA (and CPU with D2SM_CPU_PASS=panel, so that CPU tests cover this driver too): the
+//      Triton backend's panel scheme. Panels of R rows against all M columns: two Gram panels
+//      with cuBLAS/BLAS (at::bmm on the raw rows; r_i r_j is applied in the epilogue, so no
+//      normalised copy and no copy of the memory rows), then one parallel pass over the panel
+//      that accumulates the row sums and, for live rows that need a gradient, overwrites the
+//      panel with W'_ij = (α_i u_ij + α_j u_ji)·r_j; a third product W'·X gives the pairwise
+//      gradient sums of the panel's rows.
 //   3. O(M·d): the remaining gradient terms and the normalisation backward.
-// Extra memory: O(M) statistics, the R×M panels (R bounded so they stay ≤ 64 MiB on CPU,
-// 256 MiB on CUDA), and O(N·d) gradient temporaries (plus, on CUDA with fp16/bf16 inputs, an fp32
-// copy of the rows for the O(M·d) steps). Deterministic for a given thread count: every output
-// element has one writer and a fixed summation order (BLAS included, for a fixed thread count; on
-// CUDA, cuBLAS is deterministic for a fixed stream and workspace config, and our reductions are
-// fixed trees).
+// Extra memory: O(M) statistics; CPU: normalised copies of the rows (O(M·d)) and two block
+// buffers (512² per problem, batched problems within 64 MiB); CUDA: the R×M panels (≤ 256 MiB)
+// plus, with fp16/bf16 inputs, an fp32 copy of the rows for the O(M·d) steps; and the O(N·d)
+// gradients. Deterministic for a given thread count: every output element has a fixed
+// summation order (BLAS included, for a fixed thread count; per-thread column sums are combined
+// in thread order; on CUDA, cuBLAS is deterministic for a fixed stream and workspace config, and
+// our reductions are fixed trees).
 //
 // Precision: the Gram and gradient GEMMs run in the input dtype — fp64, fp32 (TF32 tensor cores
 // on CUDA only when the op's `tf32` flag says so), fp16/bf16 with fp32 output on CUDA (tensor
 // cores, fp32 accumulation); on CPU half inputs are computed in fp32. Everything else is in the
-// compute dtype (fp32 for fp32/half inputs, fp64 for fp64) with row sums in fp64 on CPU and in
-// the compute dtype's accumulate type on CUDA (fixed-order tree).
+// compute dtype (fp32 for fp32/half inputs, fp64 for fp64); row sums in fp64 on CPU (from fp32
+// partial sums of at most 512 terms) and in the compute dtype's accumulate type on CUDA
+// (fixed-order tree).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -37,6 +45,7 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "d2sm.h"
 
@@ -344,6 +353,169 @@ static Tensor pair_pass(const Problem& p, const RowStats& st, const Tensor& w, i
   return stats;
 }
 
+// ---------------------------------------------------------------------------------------------
+// CPU pass over symmetric blocks (the default on CPU; D2SM_CPU_PASS=panel selects the panel pass
+// above, which is also the CUDA pass, so that the CPU tests exercise its driver code too).
+//
+// Both kernels are symmetric, so every pair (i, j) is visited once: the sample set is cut into
+// blocks of rows and only block pairs I ≤ J are processed. One Gram block gives row i's terms
+// (summed along the row) and row j's terms (summed down the column, per thread, then in a fixed
+// order), and the symmetric weights S_ij; the gradient then takes G_I += S_IJ·X̂_J and
+// G_J += S_IJᵀ·X̂_I from normalised copies X̂ of the rows (O(M·d) extra). Against the panel
+// pass this halves the Gram FLOPs and the pair work: M²·d + 2·N·M·d FLOPs per side (Gram +
+// gradient) instead of 2·M²·d + 2·N·M·d. Diagonal blocks visit j ≥ i and mirror S into the
+// lower triangle.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int DIV, typename Kind>
+static void symmetric_block_epilogue(T* sx, T* sy, int64_t bc, int64_t nI, int64_t nJ, int64_t b0, int64_t I0,
+                                     int64_t J0, int64_t M, const Columns<T>& all, bool exclude_self, double eps_d,
+                                     double* f_all, double* pu_all, double* qv_all) {
+  const T eps = T(eps_d);
+  const bool diagonal = I0 == J0;
+  // column sums (row j's terms), one set per thread: [thread][problem][3][nJ]
+  const int64_t per_thread = bc * 3 * nJ;
+  std::vector<T> columns(Kind::stats ? at::get_num_threads() * per_thread : 0, T(0));
+  at::parallel_for(0, bc * nI, 8, [&](int64_t begin, int64_t end) {
+    alignas(64) T terms_f[kSumChunk], terms_pu[kSumChunk], terms_qv[kSumChunk];
+    T* mine = Kind::stats ? columns.data() + at::get_thread_num() * per_thread : nullptr;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t k = row / nI, i = row % nI, b = b0 + k, gi = I0 + i;
+      const Columns<T> c = all.shifted(b * M);  // a local copy: loop-invariant bases
+      const RowConstants<T> ri = RowConstants<T>::load(c, gi);
+      T* __restrict__ row_x = sx + row * nJ;
+      T* __restrict__ row_y = sy + row * nJ;
+      T* __restrict__ col_f = Kind::stats ? mine + k * 3 * nJ : nullptr;
+      T* __restrict__ col_pu = Kind::stats ? col_f + nJ : nullptr;
+      T* __restrict__ col_qv = Kind::stats ? col_f + 2 * nJ : nullptr;
+      const int64_t self_j = gi - J0;   // column of the pair (i, i), if it is in this block
+      const bool excl = exclude_self;    // locals, not captures: the simd loop must see invariants
+      double f = 0, pu = 0, qv = 0;
+      for (int64_t j0 = diagonal ? i : 0; j0 < nJ; j0 += kSumChunk) {
+        const int64_t n = std::min(kSumChunk, nJ - j0);
+#pragma omp simd
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t j = j0 + t;
+          const RowConstants<T> rj = RowConstants<T>::load(c, J0 + j);
+          const bool self = j == self_j;
+          const bool keep = !(self && excl);
+          const PairSums<T> s = symmetric_pair<DIV, Kind>(row_x[j], row_y[j], ri, rj, keep, !self, keep, eps,
+                                                          VectorLog{});
+          if constexpr (Kind::stats) {
+            terms_f[t] = s.i.f;
+            terms_pu[t] = s.i.pu;
+            terms_qv[t] = s.i.qv;
+            col_f[j] += s.j.f;
+            col_pu[j] += s.j.pu;
+            col_qv[j] += s.j.qv;
+          }
+        }
+        if constexpr (Kind::stats) {
+          for (int64_t t = 0; t < n; ++t) {
+            f += double(terms_f[t]);
+            pu += double(terms_pu[t]);
+            qv += double(terms_qv[t]);
+          }
+        }
+      }
+      if constexpr (Kind::stats) {  // row gi has one writer here; column sums are added below
+        f_all[b * M + gi] += f;
+        pu_all[b * M + gi] += pu;
+        qv_all[b * M + gi] += qv;
+      }
+    }
+  });
+  if constexpr (Kind::stats) {
+    for (size_t t = 0; t < columns.size() / per_thread; ++t) {  // fixed order: deterministic
+      const T* sums = columns.data() + t * per_thread;
+      for (int64_t k = 0; k < bc; ++k) {
+        const int64_t base = (b0 + k) * M + J0;
+        for (int64_t j = 0; j < nJ; ++j) {
+          f_all[base + j] += double(sums[k * 3 * nJ + j]);
+          pu_all[base + j] += double(sums[k * 3 * nJ + nJ + j]);
+          qv_all[base + j] += double(sums[k * 3 * nJ + 2 * nJ + j]);
+        }
+      }
+    }
+  }
+  if (diagonal && (Kind::grad_x || Kind::grad_y)) {  // S is symmetric: lower triangle from the upper
+    at::parallel_for(0, bc * nI, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t k = row / nI, i = row % nI;
+        for (int64_t j = 0; j < i; ++j) {
+          if constexpr (Kind::grad_x) sx[row * nJ + j] = sx[(k * nI + j) * nJ + i];
+          if constexpr (Kind::grad_y) sy[row * nJ + j] = sy[(k * nI + j) * nJ + i];
+        }
+      }
+    });
+  }
+}
+
+// Rows per symmetric block: 512 (GEMMs of 512×512×d run near BLAS's peak; the two block buffers
+// stay at 2 MiB per problem in fp32), D2SM_PANEL_ROWS when set.
+static int64_t symmetric_block_rows(int64_t M) {
+  if (const char* forced = std::getenv("D2SM_PANEL_ROWS"); forced && *forced) {
+    return std::max<int64_t>(1, std::atoll(forced));
+  }
+  return std::min<int64_t>(M, 512);
+}
+
+static Tensor symmetric_pass_cpu(const Problem& p, const RowStats& st, const Tensor& w, int div, bool exclude_self,
+                                 double eps, bool want_stats, Tensor gx, Tensor gy) {
+  const auto opts = p.x.options();
+  // Row sums in double across blocks; returned in the compute dtype.
+  Tensor sums = want_stats ? at::zeros({3, p.B, p.M}, opts.dtype(at::kDouble)) : Tensor();
+  auto normalised = [&](bool is_y) {  // X̂: live rows then memory rows, (B, M, d)
+    Tensor rows = p.Q ? at::cat({segment(p, is_y, false), segment(p, is_y, true)}, 1) : segment(p, is_y, false);
+    return (rows * (is_y ? st.ry : st.rx).unsqueeze(2)).contiguous();
+  };
+  const Tensor xh = normalised(false), yh = normalised(true);
+  Tensor log_ba = (st.b.to(at::kDouble) / st.a.to(at::kDouble)).log().to(p.dtype);
+  Tensor cols = at::stack({st.a.reciprocal(), st.b.reciprocal(), log_ba, w / st.a, w / st.b}).contiguous();
+  const int64_t nb = std::min(symmetric_block_rows(p.M), p.M);
+  double budget_mb = 64.0;
+  if (const char* mb = std::getenv("D2SM_PANEL_MB"); mb && *mb) budget_mb = std::atof(mb);
+  const int64_t block_bytes = 2 * nb * nb * p.x.element_size();
+  const int64_t bc_max = std::max<int64_t>(1, std::min<int64_t>(p.B, int64_t(budget_mb * (1 << 20)) / block_bytes));
+  Tensor bx = at::empty({bc_max * nb * nb}, opts), by = at::empty({bc_max * nb * nb}, opts);
+  const bool grad_x = gx.defined(), grad_y = gy.defined();
+  for (int64_t b0 = 0; b0 < p.B; b0 += bc_max) {
+    const int64_t bc = std::min(bc_max, p.B - b0);
+    auto rows_of = [&](const Tensor& t, int64_t start, int64_t n) { return t.narrow(0, b0, bc).narrow(1, start, n); };
+    for (int64_t I0 = 0; I0 < p.M; I0 += nb) {
+      const int64_t nI = std::min(nb, p.M - I0), live_I = std::clamp<int64_t>(p.N - I0, 0, nI);
+      for (int64_t J0 = I0; J0 < p.M; J0 += nb) {
+        const int64_t nJ = std::min(nb, p.M - J0), live_J = std::clamp<int64_t>(p.N - J0, 0, nJ);
+        if (!want_stats && live_I == 0 && live_J == 0) continue;  // memory × memory: statistics only
+        const Tensor px = bx.narrow(0, 0, bc * nI * nJ).view({bc, nI, nJ});
+        const Tensor py = by.narrow(0, 0, bc * nI * nJ).view({bc, nI, nJ});
+        at::bmm_out(const_cast<Tensor&>(px), rows_of(xh, I0, nI), rows_of(xh, J0, nJ).transpose(1, 2));
+        at::bmm_out(const_cast<Tensor&>(py), rows_of(yh, I0, nI), rows_of(yh, J0, nJ).transpose(1, 2));
+        const bool gx_here = grad_x && (live_I || live_J), gy_here = grad_y && (live_I || live_J);
+        AT_DISPATCH_FLOATING_TYPES(p.dtype, "d2sm_symmetric_block", [&] {
+          using T = scalar_t;
+          const Columns<T> c{st.rx.data_ptr<T>(), st.ry.data_ptr<T>(), cols[0].data_ptr<T>(), cols[1].data_ptr<T>(),
+                             cols[2].data_ptr<T>(), cols[3].data_ptr<T>(), cols[4].data_ptr<T>()};
+          double* f = want_stats ? sums[0].data_ptr<double>() : nullptr;
+          double* pu = want_stats ? sums[1].data_ptr<double>() : nullptr;
+          double* qv = want_stats ? sums[2].data_ptr<double>() : nullptr;
+          dispatch_pass(div, want_stats, gx_here, gy_here, [&](auto div_tag, auto kind) {
+            symmetric_block_epilogue<T, decltype(div_tag)::value, decltype(kind)>(
+                px.data_ptr<T>(), py.data_ptr<T>(), bc, nI, nJ, b0, I0, J0, p.M, c, exclude_self, eps, f, pu, qv);
+          });
+        });
+        for (const auto& [here, s, rows, g] : {std::tuple{gx_here, px, xh, gx}, std::tuple{gy_here, py, yh, gy}}) {
+          if (!here) continue;
+          if (live_I) rows_of(g, I0, live_I).baddbmm_(s.narrow(1, 0, live_I), rows_of(rows, J0, nJ));
+          if (I0 != J0 && live_J) rows_of(g, J0, live_J).baddbmm_(s.narrow(2, 0, live_J).transpose(1, 2),
+                                                                  rows_of(rows, I0, nI));
+        }
+      }
+    }
+  }
+  return want_stats ? sums.to(p.dtype) : Tensor();
+}
+
 void finish_rows_cpu(const Tensor& pairwise, const Tensor& live, const Tensor& r, const Tensor& coef, const Tensor& s,
                      const Tensor& t, bool exclude_self) {
   const int64_t B = pairwise.size(0), N = pairwise.size(1), D = pairwise.size(2), M = r.size(1);
@@ -400,10 +572,13 @@ static Tensor grad_or_empty(const Tensor& g, const Tensor& like, at::ScalarType 
 static std::tuple<Tensor, Tensor> gradients(const Problem& p, const RowStats& st, const Tensor& w, int div,
                                             bool exclude_self, double eps, bool need_gx, bool need_gy,
                                             bool want_stats, const Tensor& pu, const Tensor& qv, Tensor* stats_out) {
-  // every row is written exactly once by its panel's bmm: no zero fill needed
-  Tensor gx = need_gx ? at::empty({p.B, p.N, p.D}, p.x.options()) : Tensor();
-  Tensor gy = need_gy ? at::empty({p.B, p.N, p.D}, p.x.options()) : Tensor();
-  Tensor stats = pair_pass(p, st, w, div, exclude_self, eps, want_stats, gx, gy);
+  // zeroed: the symmetric pass accumulates (the panel pass writes every row once)
+  Tensor gx = need_gx ? at::zeros({p.B, p.N, p.D}, p.x.options()) : Tensor();
+  Tensor gy = need_gy ? at::zeros({p.B, p.N, p.D}, p.x.options()) : Tensor();
+  const char* cpu_pass = std::getenv("D2SM_CPU_PASS");
+  const bool panel = p.x.is_cuda() || (cpu_pass && std::string(cpu_pass) == "panel");
+  Tensor stats = panel ? pair_pass(p, st, w, div, exclude_self, eps, want_stats, gx, gy)
+                       : symmetric_pass_cpu(p, st, w, div, exclude_self, eps, want_stats, gx, gy);
   if (stats_out) *stats_out = stats;
   Tensor ubar = want_stats ? stats[1] : pu, vbar = want_stats ? stats[2] : qv;
   if (need_gx) gx = finish_grad(p, false, gx, st.rx, st.a, w, ubar, st.s_x, exclude_self);

@@ -69,56 +69,106 @@ struct PassKind {
   static constexpr bool stats = STATS, grad_x = GRAD_X, grad_y = GRAD_Y;
 };
 
-// The pair (i, j) of a panel: returns its terms of row i's sums (zeros unless Kind::stats) and
-// overwrites the raw Gram entries with W'_ij = (α_i u_ij + α_j u_ji)·r_j (x side) and
-// (β_i v_ij + β_j v_ji)·r_j (y side) for the sides in Kind::grad_x / grad_y; u_ji comes from the
-// same K'_ij, K_ij, as both kernels are symmetric. `keep` is false for the excluded diagonal (its
-// W' is 0 and it adds nothing). Branch-free (selects only) so that the CPU loop vectorises;
-// `0·log 0 = 0` is kept by the selects.
-template <int DIV, typename Kind, typename T, typename Log>
-D2SM_INLINE RowSums<T> epilogue_pair(T& gram_x, T& gram_y, const RowConstants<T>& ri, const Columns<T>& c, int64_t j,
-                                     bool keep, T eps, Log log_fn) {
-  RowSums<T> sums{T(0), T(0), T(0)};
-  const T half = T(0.5), zero = T(0), one = T(1), two = T(2);
-  const T rxj = c.rx[j], ryj = c.ry[j];
-  T ka = half + half * (gram_x * ri.rx * rxj);
-  T kb = half + half * (gram_y * ri.ry * ryj);
+// The kernel values of a pair from its cosines (x side, y side): K' ("ka"), K ("kb") and
+// log(K'/K), the pair's part of every log(p/q) (the row's part is log(B/A)).
+template <typename T>
+struct PairKernel {
+  T ka, kb, lab;
+};
+
+template <typename T, typename Log>
+D2SM_INLINE PairKernel<T> pair_kernel(T cos_x, T cos_y, T eps, Log log_fn) {
+  const T half = T(0.5), zero = T(0), one = T(1);
+  T ka = half + half * cos_x;
+  T kb = half + half * cos_y;
   ka = (ka > zero ? ka : zero) + eps;
   kb = (kb > zero ? kb : zero) + eps;
   const bool pos = ka > zero && kb > zero;  // false only with eps = 0 and antipodal rows
-  const T lab = pos ? log_fn(pos ? ka / kb : one) : zero;  // log(K'/K)
-  const T p = ka * ri.inv_a, q = kb * ri.inv_b;
-  const T lpq = lab + ri.log_ba;  // log(p_ij / q_ij)
-  if constexpr (Kind::stats) {
-    T tf, tpu, tqv;
-    if constexpr (DIV == KL) {
-      tf = p > zero ? p * lpq : zero; tpu = tf; tqv = -p;
-    } else if constexpr (DIV == REVERSE_KL) {
-      tf = q > zero ? -q * lpq : zero; tpu = -q; tqv = tf;
-    } else if constexpr (DIV == SYMMETRIC_KL) {
-      tf = half * (p - q) * lpq;
-      tpu = half * ((p > zero ? p * lpq : zero) - q);
-      tqv = half * ((q > zero ? -q * lpq : zero) - p);
-    } else {
-      const T s = p + q;
-      const T lpm = p > zero ? log_fn(p > zero ? two * p / s : one) : zero;  // log(p/m)
-      const T lqm = q > zero ? log_fn(q > zero ? two * q / s : one) : zero;  // log(q/m)
-      tpu = half * p * lpm;
-      tqv = half * q * lqm;
-      tf = tpu + tqv;
-    }
-    sums.f = keep ? tf : zero;
-    sums.pu = keep ? tpu : zero;
-    sums.qv = keep ? tqv : zero;
+  return {ka, kb, pos ? log_fn(pos ? ka / kb : one) : zero};
+}
+
+// One pair's terms of a row's sums, from p, q and lpq = log(p/q); zero when !keep.
+template <int DIV, typename T, typename Log>
+D2SM_INLINE RowSums<T> stat_terms(T p, T q, T lpq, bool keep, Log log_fn) {
+  const T half = T(0.5), zero = T(0), one = T(1), two = T(2);
+  T tf, tpu, tqv;
+  if constexpr (DIV == KL) {
+    tf = p > zero ? p * lpq : zero; tpu = tf; tqv = -p;
+  } else if constexpr (DIV == REVERSE_KL) {
+    tf = q > zero ? -q * lpq : zero; tpu = -q; tqv = tf;
+  } else if constexpr (DIV == SYMMETRIC_KL) {
+    tf = half * (p - q) * lpq;
+    tpu = half * ((p > zero ? p * lpq : zero) - q);
+    tqv = half * ((q > zero ? -q * lpq : zero) - p);
+  } else {
+    const T s = p + q;
+    const T lpm = p > zero ? log_fn(p > zero ? two * p / s : one) : zero;  // log(p/m)
+    const T lqm = q > zero ? log_fn(q > zero ? two * q / s : one) : zero;  // log(q/m)
+    tpu = half * p * lpm;
+    tqv = half * q * lqm;
+    tf = tpu + tqv;
   }
+  return {keep ? tf : zero, keep ? tpu : zero, keep ? tqv : zero};
+}
+
+// The pair (i, j) of a panel (raw Gram entries, row i against every column j): returns its terms
+// of row i's sums (zeros unless Kind::stats) and overwrites the raw Gram entries with
+// W'_ij = (α_i u_ij + α_j u_ji)·r_j (x side) and (β_i v_ij + β_j v_ji)·r_j (y side) for the sides
+// in Kind::grad_x / grad_y; u_ji comes from the same K'_ij, K_ij, as both kernels are symmetric.
+// `keep` is false for the excluded diagonal (its W' is 0 and it adds nothing). Branch-free
+// (selects only) so that the CPU loop vectorises; `0·log 0 = 0` is kept by the selects.
+template <int DIV, typename Kind, typename T, typename Log>
+D2SM_INLINE RowSums<T> epilogue_pair(T& gram_x, T& gram_y, const RowConstants<T>& ri, const Columns<T>& c, int64_t j,
+                                     bool keep, T eps, Log log_fn) {
+  const T zero = T(0);
+  const T rxj = c.rx[j], ryj = c.ry[j];
+  const PairKernel<T> k = pair_kernel(gram_x * ri.rx * rxj, gram_y * ri.ry * ryj, eps, log_fn);
+  const T p = k.ka * ri.inv_a, q = k.kb * ri.inv_b;
+  const T lpq = k.lab + ri.log_ba;  // log(p_ij / q_ij)
+  RowSums<T> sums{zero, zero, zero};
+  if constexpr (Kind::stats) sums = stat_terms<DIV>(p, q, lpq, keep, log_fn);
   if constexpr (Kind::grad_x || Kind::grad_y) {
-    const T pj = ka * c.inv_a[j], qj = kb * c.inv_b[j];
-    const T lpq_j = lab + c.log_ba[j];
+    const T pj = k.ka * c.inv_a[j], qj = k.kb * c.inv_b[j];
+    const T lpq_j = k.lab + c.log_ba[j];
     T u_ij, v_ij, u_ji, v_ji;
     pair_weights<DIV>(p, q, lpq, log_fn, u_ij, v_ij);
     pair_weights<DIV>(pj, qj, lpq_j, log_fn, u_ji, v_ji);
     if constexpr (Kind::grad_x) gram_x = keep ? (ri.alpha * u_ij + c.w_a[j] * u_ji) * rxj : zero;
     if constexpr (Kind::grad_y) gram_y = keep ? (ri.beta * v_ij + c.w_b[j] * v_ji) * ryj : zero;
+  }
+  return sums;
+}
+
+// The pair (i, j) of a symmetric block (cosines of normalised rows, each pair visited once):
+// returns row i's terms and row j's terms (the same K'_ij, K_ij with j's normaliser) and
+// overwrites the cosines with the symmetric weights S_ij = α_i u_ij + α_j u_ji (x side) and
+// β_i v_ij + β_j v_ji (y side): W' without its column factor r_j, which the gradient GEMM takes
+// from the normalised rows. keep_i / keep_j mask the two rows' terms, keep_pair the weights.
+// Results are returned, not written through references: GCC does not vectorise an `omp simd`
+// loop whose locals have their address taken.
+template <typename T>
+struct PairSums {
+  RowSums<T> i, j;
+};
+
+template <int DIV, typename Kind, typename T, typename Log>
+D2SM_INLINE PairSums<T> symmetric_pair(T& cos_x, T& cos_y, const RowConstants<T>& ri, const RowConstants<T>& rj,
+                                       bool keep_i, bool keep_j, bool keep_pair, T eps, Log log_fn) {
+  const T zero = T(0);
+  const PairKernel<T> k = pair_kernel(cos_x, cos_y, eps, log_fn);
+  const T p_ij = k.ka * ri.inv_a, q_ij = k.kb * ri.inv_b, lpq_i = k.lab + ri.log_ba;
+  const T p_ji = k.ka * rj.inv_a, q_ji = k.kb * rj.inv_b, lpq_j = k.lab + rj.log_ba;
+  PairSums<T> sums{{zero, zero, zero}, {zero, zero, zero}};
+  if constexpr (Kind::stats) {
+    sums.i = stat_terms<DIV>(p_ij, q_ij, lpq_i, keep_i, log_fn);
+    sums.j = stat_terms<DIV>(p_ji, q_ji, lpq_j, keep_j, log_fn);
+  }
+  if constexpr (Kind::grad_x || Kind::grad_y) {
+    T u_ij, v_ij, u_ji, v_ji;
+    pair_weights<DIV>(p_ij, q_ij, lpq_i, log_fn, u_ij, v_ij);
+    pair_weights<DIV>(p_ji, q_ji, lpq_j, log_fn, u_ji, v_ji);
+    if constexpr (Kind::grad_x) cos_x = keep_pair ? ri.alpha * u_ij + rj.alpha * u_ji : zero;
+    if constexpr (Kind::grad_y) cos_y = keep_pair ? ri.beta * v_ij + rj.beta * v_ji : zero;
   }
   return sums;
 }

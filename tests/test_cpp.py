@@ -159,8 +159,27 @@ def test_cmake_build_loads_with_load_library(tmp_path):
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout[-2000:] + run.stderr[-3000:]
 
 
+@pytest.mark.parametrize("cpu_pass", ["symmetric", "panel"])
 @pytest.mark.parametrize("red", ["mean", "none"])
-def test_several_panels_and_batch_chunks(red, monkeypatch):
-    """Panels of 48 rows (3 panels for 130 live rows, one problem per chunk), as for large M."""
+def test_several_blocks_and_batch_chunks(red, cpu_pass, monkeypatch):
+    """Blocks / panels of 48 rows, as for large M: with 130 live + 30 memory rows the symmetric
+    pass has 4 blocks (one straddling the live/memory boundary, 10 block pairs), the panel pass
+    3 live panels; one problem per batch chunk in the panel pass."""
     monkeypatch.setenv("D2SM_PANEL_ROWS", "48")
+    monkeypatch.setenv("D2SM_CPU_PASS", cpu_pass)
     check_parity("cpu", (3, 130, 20), 30, "symmetric_kl", True, red, "cpu")
+
+
+@pytest.mark.parametrize("shape,n_memory", SHAPES)
+@pytest.mark.parametrize("div,excl,red", COMBOS)
+def test_parity_panel_pass(div, excl, red, shape, n_memory, monkeypatch):
+    """The panel pass — the CUDA backend's driver — run on CPU (D2SM_CPU_PASS=panel), so that
+    its Gram/W' panels and GEMMs are checked here too, not only on a GPU."""
+    monkeypatch.setenv("D2SM_CPU_PASS", "panel")
+    check_parity("cpu", shape, n_memory, div, excl, red, "cpu")
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+def test_gradcheck_panel_pass(div, monkeypatch):
+    monkeypatch.setenv("D2SM_CPU_PASS", "panel")
+    check_gradcheck("cpu", "cpu", div, True, "none")
