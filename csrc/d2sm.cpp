@@ -4,12 +4,12 @@
 //
 // The math is DESIGN §2. Two passes share the steps before and after the pairwise work:
 //   1. O(M·d): inverse norms r, s = Σ_j x̂_j, closed-form normalisers A_i, B_i.
-//   2a. CPU (default): symmetric blocks. Each pair (i, j) is visited once, in Gram blocks of
+//   2a. CPU, M > 512: symmetric blocks. Each pair (i, j) is visited once, in Gram blocks of
 //      normalised rows for block pairs I ≤ J; one vectorised pass per block accumulates row i's
 //      and row j's sums F, ū = Σ p·u, v̄ = Σ q·v and leaves the symmetric weights S_ij, and two
 //      BLAS products G_I += S·X̂_J, G_J += Sᵀ·X̂_I give the pairwise gradient sums
 //      (see symmetric_pass_cpu).
-//   2b. CUDA (and CPU with D2SM_CPU_PASS=panel, so that CPU tests cover this driver too): the
+//   2b. CUDA, and CPU with M ≤ 512 (one block; see use_symmetric_pass): the
 //      Triton backend's panel scheme. Panels of R rows against all M columns: two Gram panels
 //      with cuBLAS/BLAS (at::bmm on the raw rows; r_i r_j is applied in the epilogue, so no
 //      normalised copy and no copy of the memory rows), then one parallel pass over the panel
@@ -43,6 +43,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -301,14 +302,28 @@ static void grad_panel(const Problem& p, bool is_y, int64_t b0, int64_t bc, cons
 // problems are batched so that a panel holds several whole problems (one bmm per chunk). The
 // Triton backend's environment knobs apply here too: D2SM_PANEL_MB sets the budget, and
 // D2SM_PANEL_ROWS forces the row count (tests use it to run several panels at small M).
+static std::optional<int64_t> forced_panel_rows() {
+  const char* forced = std::getenv("D2SM_PANEL_ROWS");
+  if (!forced || !*forced) return std::nullopt;
+  return std::max<int64_t>(1, std::atoll(forced));
+}
+
+static int64_t panel_budget_bytes(bool cuda) {
+  double mb = cuda ? 256.0 : 64.0;
+  if (const char* env = std::getenv("D2SM_PANEL_MB"); env && *env) mb = std::atof(env);
+  return static_cast<int64_t>(mb * double(1 << 20));
+}
+
 static int64_t panel_rows(int64_t M, int64_t element_size, bool cuda) {
-  if (const char* forced = std::getenv("D2SM_PANEL_ROWS"); forced && *forced) {
-    return std::max<int64_t>(1, std::atoll(forced));
-  }
-  double budget_mb = cuda ? 256.0 : 64.0;
-  if (const char* mb = std::getenv("D2SM_PANEL_MB"); mb && *mb) budget_mb = std::atof(mb);
-  const auto budget = static_cast<int64_t>(budget_mb * double(1 << 20));
-  return std::max<int64_t>(budget / std::max<int64_t>(2 * M * element_size, 1), 16);
+  if (const auto forced = forced_panel_rows()) return *forced;
+  return std::max<int64_t>(panel_budget_bytes(cuda) / std::max<int64_t>(2 * M * element_size, 1), 16);
+}
+
+// The epilogues' per-row arrays (5, B, M): 1/A, 1/B, log(B/A) (in double: a per-row constant that
+// must not cancel), w/A, w/B.
+static Tensor column_arrays(const RowStats& st, const Tensor& w, at::ScalarType dtype) {
+  Tensor log_ba = (st.b.to(at::kDouble) / st.a.to(at::kDouble)).log().to(dtype);
+  return at::stack({st.a.reciprocal(), st.b.reciprocal(), log_ba, w / st.a, w / st.b}).contiguous();
 }
 
 // Pairwise pass over all problems. Returns stats (3, B, M) [F, ū, v̄] when want_stats; writes the
@@ -319,9 +334,7 @@ static Tensor pair_pass(const Problem& p, const RowStats& st, const Tensor& w, i
   const bool cuda = p.x.is_cuda();
   Tensor stats = want_stats ? at::zeros({3, p.B, p.M}, opts) : Tensor();
   const int64_t R = panel_rows(p.M, p.x.element_size(), cuda);
-  // 1/A, 1/B, log(B/A) (in double: a per-row constant that must not cancel), w/A, w/B (B, M each).
-  Tensor log_ba = (st.b.to(at::kDouble) / st.a.to(at::kDouble)).log().to(p.dtype);
-  Tensor cols = at::stack({st.a.reciprocal(), st.b.reciprocal(), log_ba, w / st.a, w / st.b}).contiguous();
+  const Tensor cols = column_arrays(st, w, p.dtype);
 #ifdef D2SM_WITH_CUDA
   const PanelEpilogueFn epilogue = cuda ? panel_epilogue_cuda : panel_epilogue_cpu;
 #else
@@ -354,8 +367,9 @@ static Tensor pair_pass(const Problem& p, const RowStats& st, const Tensor& w, i
 }
 
 // ---------------------------------------------------------------------------------------------
-// CPU pass over symmetric blocks (the default on CPU; D2SM_CPU_PASS=panel selects the panel pass
-// above, which is also the CUDA pass, so that the CPU tests exercise its driver code too).
+// CPU pass over symmetric blocks (on CPU whenever the sample set spans several blocks; see
+// use_symmetric_pass). The panel pass above is the CUDA pass and the CPU pass for one block;
+// D2SM_CPU_PASS=panel|symmetric forces either, which the tests use to run both on CPU.
 //
 // Both kernels are symmetric, so every pair (i, j) is visited once: the sample set is cut into
 // blocks of rows and only block pairs I ≤ J are processed. One Gram block gives row i's terms
@@ -451,13 +465,23 @@ static void symmetric_block_epilogue(T* sx, T* sy, int64_t bc, int64_t nI, int64
   }
 }
 
-// Rows per symmetric block: 512 (GEMMs of 512×512×d run near BLAS's peak; the two block buffers
-// stay at 2 MiB per problem in fp32), D2SM_PANEL_ROWS when set.
-static int64_t symmetric_block_rows(int64_t M) {
-  if (const char* forced = std::getenv("D2SM_PANEL_ROWS"); forced && *forced) {
-    return std::max<int64_t>(1, std::atoll(forced));
-  }
-  return std::min<int64_t>(M, 512);
+// Rows per symmetric block (D2SM_PANEL_ROWS overrides): GEMMs of 512×512×d run near BLAS's peak,
+// and the two block buffers take 2 MiB per problem in fp32.
+constexpr int64_t kSymmetricBlockRows = 512;
+
+// CPU pass choice: D2SM_CPU_PASS = "symmetric" | "panel" | "auto" (default). "auto" takes the
+// symmetric pass when the sample set spans more than one block: with a single block it saves no
+// Gram FLOPs (the block's GEMM is square anyway) and its normalised copies of the rows cost more
+// than half an epilogue saves (measured: B=64 × M=36, d=4096 ran 53 ms with panels, 86 ms with
+// one symmetric block).
+static bool use_symmetric_pass(const Problem& p) {
+  if (p.x.is_cuda()) return false;
+  const char* choice = std::getenv("D2SM_CPU_PASS");
+  const std::string pass = choice && *choice ? choice : "auto";
+  TORCH_CHECK(pass == "auto" || pass == "symmetric" || pass == "panel",
+              "D2SM_CPU_PASS must be auto, symmetric or panel, got ", pass);
+  if (pass != "auto") return pass == "symmetric";
+  return p.M > forced_panel_rows().value_or(kSymmetricBlockRows);
 }
 
 static Tensor symmetric_pass_cpu(const Problem& p, const RowStats& st, const Tensor& w, int div, bool exclude_self,
@@ -470,13 +494,10 @@ static Tensor symmetric_pass_cpu(const Problem& p, const RowStats& st, const Ten
     return (rows * (is_y ? st.ry : st.rx).unsqueeze(2)).contiguous();
   };
   const Tensor xh = normalised(false), yh = normalised(true);
-  Tensor log_ba = (st.b.to(at::kDouble) / st.a.to(at::kDouble)).log().to(p.dtype);
-  Tensor cols = at::stack({st.a.reciprocal(), st.b.reciprocal(), log_ba, w / st.a, w / st.b}).contiguous();
-  const int64_t nb = std::min(symmetric_block_rows(p.M), p.M);
-  double budget_mb = 64.0;
-  if (const char* mb = std::getenv("D2SM_PANEL_MB"); mb && *mb) budget_mb = std::atof(mb);
+  const Tensor cols = column_arrays(st, w, p.dtype);
+  const int64_t nb = std::min(forced_panel_rows().value_or(kSymmetricBlockRows), p.M);
   const int64_t block_bytes = 2 * nb * nb * p.x.element_size();
-  const int64_t bc_max = std::max<int64_t>(1, std::min<int64_t>(p.B, int64_t(budget_mb * (1 << 20)) / block_bytes));
+  const int64_t bc_max = std::max<int64_t>(1, std::min<int64_t>(p.B, panel_budget_bytes(false) / block_bytes));
   Tensor bx = at::empty({bc_max * nb * nb}, opts), by = at::empty({bc_max * nb * nb}, opts);
   const bool grad_x = gx.defined(), grad_y = gy.defined();
   for (int64_t b0 = 0; b0 < p.B; b0 += bc_max) {
@@ -487,21 +508,20 @@ static Tensor symmetric_pass_cpu(const Problem& p, const RowStats& st, const Ten
       for (int64_t J0 = I0; J0 < p.M; J0 += nb) {
         const int64_t nJ = std::min(nb, p.M - J0), live_J = std::clamp<int64_t>(p.N - J0, 0, nJ);
         if (!want_stats && live_I == 0 && live_J == 0) continue;  // memory × memory: statistics only
-        const Tensor px = bx.narrow(0, 0, bc * nI * nJ).view({bc, nI, nJ});
-        const Tensor py = by.narrow(0, 0, bc * nI * nJ).view({bc, nI, nJ});
-        at::bmm_out(const_cast<Tensor&>(px), rows_of(xh, I0, nI), rows_of(xh, J0, nJ).transpose(1, 2));
-        at::bmm_out(const_cast<Tensor&>(py), rows_of(yh, I0, nI), rows_of(yh, J0, nJ).transpose(1, 2));
+        Tensor px = bx.narrow(0, 0, bc * nI * nJ).view({bc, nI, nJ});
+        Tensor py = by.narrow(0, 0, bc * nI * nJ).view({bc, nI, nJ});
+        at::bmm_out(px, rows_of(xh, I0, nI), rows_of(xh, J0, nJ).transpose(1, 2));
+        at::bmm_out(py, rows_of(yh, I0, nI), rows_of(yh, J0, nJ).transpose(1, 2));
         const bool gx_here = grad_x && (live_I || live_J), gy_here = grad_y && (live_I || live_J);
         AT_DISPATCH_FLOATING_TYPES(p.dtype, "d2sm_symmetric_block", [&] {
           using T = scalar_t;
-          const Columns<T> c{st.rx.data_ptr<T>(), st.ry.data_ptr<T>(), cols[0].data_ptr<T>(), cols[1].data_ptr<T>(),
-                             cols[2].data_ptr<T>(), cols[3].data_ptr<T>(), cols[4].data_ptr<T>()};
+          const auto ptr = PanelPointers<T>::of(px, py, st.rx, st.ry, cols, Tensor());  // sums are double here
           double* f = want_stats ? sums[0].data_ptr<double>() : nullptr;
           double* pu = want_stats ? sums[1].data_ptr<double>() : nullptr;
           double* qv = want_stats ? sums[2].data_ptr<double>() : nullptr;
           dispatch_pass(div, want_stats, gx_here, gy_here, [&](auto div_tag, auto kind) {
             symmetric_block_epilogue<T, decltype(div_tag)::value, decltype(kind)>(
-                px.data_ptr<T>(), py.data_ptr<T>(), bc, nI, nJ, b0, I0, J0, p.M, c, exclude_self, eps, f, pu, qv);
+                ptr.gram_x, ptr.gram_y, bc, nI, nJ, b0, I0, J0, p.M, ptr.columns, exclude_self, eps, f, pu, qv);
           });
         });
         for (const auto& [here, s, rows, g] : {std::tuple{gx_here, px, xh, gx}, std::tuple{gy_here, py, yh, gy}}) {
@@ -575,10 +595,8 @@ static std::tuple<Tensor, Tensor> gradients(const Problem& p, const RowStats& st
   // zeroed: the symmetric pass accumulates (the panel pass writes every row once)
   Tensor gx = need_gx ? at::zeros({p.B, p.N, p.D}, p.x.options()) : Tensor();
   Tensor gy = need_gy ? at::zeros({p.B, p.N, p.D}, p.x.options()) : Tensor();
-  const char* cpu_pass = std::getenv("D2SM_CPU_PASS");
-  const bool panel = p.x.is_cuda() || (cpu_pass && std::string(cpu_pass) == "panel");
-  Tensor stats = panel ? pair_pass(p, st, w, div, exclude_self, eps, want_stats, gx, gy)
-                       : symmetric_pass_cpu(p, st, w, div, exclude_self, eps, want_stats, gx, gy);
+  Tensor stats = use_symmetric_pass(p) ? symmetric_pass_cpu(p, st, w, div, exclude_self, eps, want_stats, gx, gy)
+                                       : pair_pass(p, st, w, div, exclude_self, eps, want_stats, gx, gy);
   if (stats_out) *stats_out = stats;
   Tensor ubar = want_stats ? stats[1] : pu, vbar = want_stats ? stats[2] : qv;
   if (need_gx) gx = finish_grad(p, false, gx, st.rx, st.a, w, ubar, st.s_x, exclude_self);

@@ -28,31 +28,42 @@ COMBOS = list(itertools.product(DIVERGENCES, (True, False), REDUCTIONS))
 SHAPES = [((2, 1), 0), ((3, 17, 5), 6), ((64, 300), 0), ((3, 3, 300), 64)]
 
 
+# The two CPU passes (csrc/d2sm.cpp): "symmetric" (each pair once; taken for M > 512) and "panel"
+# (the CUDA backend's driver; taken for M ≤ 512). Tests that check the math run both, forced.
+PASSES = ["symmetric", "panel"]
+
+
+@pytest.fixture(params=PASSES)
+def cpu_pass(request, monkeypatch):
+    monkeypatch.setenv("D2SM_CPU_PASS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("shape,n_memory", SHAPES)
 @pytest.mark.parametrize("div,excl,red", COMBOS)
-def test_parity_float32(div, excl, red, shape, n_memory):
+def test_parity_float32(div, excl, red, shape, n_memory, cpu_pass):
     check_parity("cpu", shape, n_memory, div, excl, red, "cpu")
 
 
 @pytest.mark.parametrize("div,excl,red", COMBOS)
-def test_float64_matches_literal_and_reference(div, excl, red):
+def test_float64_matches_literal_and_reference(div, excl, red, cpu_pass):
     check_float64_literal("cpu", "cpu", div, excl, red)
 
 
 @pytest.mark.parametrize("div", DIVERGENCES)
 @pytest.mark.parametrize("excl", [True, False])
 @pytest.mark.parametrize("red", ["mean", "none"])
-def test_gradcheck_float64(div, excl, red):
+def test_gradcheck_float64(div, excl, red, cpu_pass):
     check_gradcheck("cpu", "cpu", div, excl, red)
 
 
 @pytest.mark.parametrize("div", DIVERGENCES)
 @pytest.mark.parametrize("excl", [True, False])
-def test_edge_rows(div, excl):
+def test_edge_rows(div, excl, cpu_pass):
     check_edge_rows_float64("cpu", "cpu", div, excl)
 
 
-def test_non_contiguous_inputs_and_memory():
+def test_non_contiguous_inputs_and_memory(cpu_pass):
     check_non_contiguous("cpu", "cpu", "js")
 
 
@@ -159,27 +170,24 @@ def test_cmake_build_loads_with_load_library(tmp_path):
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout[-2000:] + run.stderr[-3000:]
 
 
-@pytest.mark.parametrize("cpu_pass", ["symmetric", "panel"])
 @pytest.mark.parametrize("red", ["mean", "none"])
 def test_several_blocks_and_batch_chunks(red, cpu_pass, monkeypatch):
     """Blocks / panels of 48 rows, as for large M: with 130 live + 30 memory rows the symmetric
     pass has 4 blocks (one straddling the live/memory boundary, 10 block pairs), the panel pass
     3 live panels; one problem per batch chunk in the panel pass."""
     monkeypatch.setenv("D2SM_PANEL_ROWS", "48")
-    monkeypatch.setenv("D2SM_CPU_PASS", cpu_pass)
     check_parity("cpu", (3, 130, 20), 30, "symmetric_kl", True, red, "cpu")
 
 
-@pytest.mark.parametrize("shape,n_memory", SHAPES)
-@pytest.mark.parametrize("div,excl,red", COMBOS)
-def test_parity_panel_pass(div, excl, red, shape, n_memory, monkeypatch):
-    """The panel pass — the CUDA backend's driver — run on CPU (D2SM_CPU_PASS=panel), so that
-    its Gram/W' panels and GEMMs are checked here too, not only on a GPU."""
-    monkeypatch.setenv("D2SM_CPU_PASS", "panel")
-    check_parity("cpu", shape, n_memory, div, excl, red, "cpu")
-
-
-@pytest.mark.parametrize("div", DIVERGENCES)
-def test_gradcheck_panel_pass(div, monkeypatch):
-    monkeypatch.setenv("D2SM_CPU_PASS", "panel")
-    check_gradcheck("cpu", "cpu", div, True, "none")
+def test_pass_choice(monkeypatch):
+    """Every D2SM_CPU_PASS value gives the reference's value (with 16-row blocks, 40 rows span
+    three, so "auto" takes the symmetric pass); an unknown value is an error."""
+    x, y = torch.randn(40, 8), torch.randn(40, 8)
+    want = d2sm_ext.d2sm_divergence(x, y, backend="reference")
+    monkeypatch.setenv("D2SM_PANEL_ROWS", "16")  # 40 rows: 3 blocks, so "auto" is symmetric
+    for choice in ("auto", "symmetric", "panel"):
+        monkeypatch.setenv("D2SM_CPU_PASS", choice)
+        assert_f32_close(d2sm_ext.d2sm_divergence(x, y, backend="cpu"), want.double(), choice)
+    monkeypatch.setenv("D2SM_CPU_PASS", "fast")
+    with pytest.raises(RuntimeError, match="D2SM_CPU_PASS must be auto, symmetric or panel"):
+        d2sm_ext.d2sm_divergence(x, y, backend="cpu")
