@@ -592,11 +592,15 @@ static Tensor grad_or_empty(const Tensor& g, const Tensor& like, at::ScalarType 
 static std::tuple<Tensor, Tensor> gradients(const Problem& p, const RowStats& st, const Tensor& w, int div,
                                             bool exclude_self, double eps, bool need_gx, bool need_gy,
                                             bool want_stats, const Tensor& pu, const Tensor& qv, Tensor* stats_out) {
-  // zeroed: the symmetric pass accumulates (the panel pass writes every row once)
-  Tensor gx = need_gx ? at::zeros({p.B, p.N, p.D}, p.x.options()) : Tensor();
-  Tensor gy = need_gy ? at::zeros({p.B, p.N, p.D}, p.x.options()) : Tensor();
-  Tensor stats = use_symmetric_pass(p) ? symmetric_pass_cpu(p, st, w, div, exclude_self, eps, want_stats, gx, gy)
-                                       : pair_pass(p, st, w, div, exclude_self, eps, want_stats, gx, gy);
+  // The symmetric pass accumulates into the gradients; the panel pass writes every row once.
+  const bool symmetric = use_symmetric_pass(p);
+  auto buffer = [&](bool needed) {
+    if (!needed) return Tensor();
+    return symmetric ? at::zeros({p.B, p.N, p.D}, p.x.options()) : at::empty({p.B, p.N, p.D}, p.x.options());
+  };
+  Tensor gx = buffer(need_gx), gy = buffer(need_gy);
+  Tensor stats = symmetric ? symmetric_pass_cpu(p, st, w, div, exclude_self, eps, want_stats, gx, gy)
+                           : pair_pass(p, st, w, div, exclude_self, eps, want_stats, gx, gy);
   if (stats_out) *stats_out = stats;
   Tensor ubar = want_stats ? stats[1] : pu, vbar = want_stats ? stats[2] : qv;
   if (need_gx) gx = finish_grad(p, false, gx, st.rx, st.a, w, ubar, st.s_x, exclude_self);
