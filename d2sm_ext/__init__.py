@@ -17,7 +17,7 @@ register_backend("reference", d2sm_reference, _reference_supports, priority=0,
 from . import cpp_backend as _cpp_backend  # noqa: E402  (before Triton: it defines the op namespace)
 
 if _cpp_backend.LOAD_ERROR is None:
-    register_backend("cpu", _cpp_backend.d2sm_cpu, _cpp_backend.supports_cpu, priority=5,
+    register_backend("cpu", _cpp_backend.d2sm_fused, _cpp_backend.supports_on("cpu", "cpu"), priority=5,
                      description="fused C++ kernel (BLAS panels + parallel epilogue), CPU tensors")
 else:
     import warnings
@@ -28,7 +28,7 @@ else:
 if _cpp_backend.CUDA_ERROR is None:
     # Explicit only (never picked by "auto"): these kernels compile in CI but have not yet been run
     # on a GPU; "auto" keeps Triton on CUDA until benchmarks/gpu_check.sh has validated them.
-    register_backend("cuda", _cpp_backend.d2sm_cuda, _cpp_backend.supports_cuda, priority=7,
+    register_backend("cuda", _cpp_backend.d2sm_fused, _cpp_backend.supports_on("cuda", "cuda"), priority=7,
                      description="fused C++/CUDA kernels (cuBLAS panels + CUDA epilogue), CUDA tensors; "
                                  "explicit only until validated on a GPU", auto_device_types=())
 else:

@@ -36,33 +36,23 @@ else:
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def d2sm_cpu(x, y, divergence="kl", exclude_self=True, reduction="mean", eps=1e-8,
-             x_memory=None, y_memory=None, precision="auto"):
-    """Same contract as ``d2sm_reference``; float32/float64 natively, half types in float32."""
-    return op_glue.call(torch.ops.d2sm_ext.fused_forward, x, y, divergence, exclude_self, reduction, eps,
-                        x_memory, y_memory, False)
-
-
-def d2sm_cuda(x, y, divergence="kl", exclude_self=True, reduction="mean", eps=1e-8,
-              x_memory=None, y_memory=None, precision="auto"):
-    """Same contract as ``d2sm_reference``. GEMMs in the input dtype on tensor cores for fp16/bf16
-    (fp32 output), TF32 for fp32 when ``precision`` allows it; everything else in fp32 (fp64 for
-    fp64 inputs)."""
+def d2sm_fused(x, y, divergence="kl", exclude_self=True, reduction="mean", eps=1e-8,
+               x_memory=None, y_memory=None, precision="auto"):
+    """Backends "cpu" and "cuda" (the dispatcher picks the kernel from the device); same contract
+    as ``d2sm_reference``. CPU: float32/float64 natively, half types in float32 (``precision`` has
+    no effect). CUDA: GEMMs in the input dtype on tensor cores for fp16/bf16 (fp32 output), TF32 for
+    fp32 when ``precision`` allows it; everything else in fp32 (fp64 for fp64 inputs)."""
     return op_glue.call(torch.ops.d2sm_ext.fused_forward, x, y, divergence, exclude_self, reduction, eps,
                         x_memory, y_memory, op_glue.use_tf32(precision))
 
 
-def supports_cpu(device_type: str, dtype: torch.dtype) -> Optional[str]:
-    if device_type != "cpu":
-        return f"backend 'cpu' runs CPU tensors only, got device type '{device_type}'"
-    if dtype not in SUPPORTED_DTYPES:
-        return f"dtype {dtype} not supported"
-    return None
-
-
-def supports_cuda(device_type: str, dtype: torch.dtype) -> Optional[str]:
-    if device_type != "cuda":
-        return f"backend 'cuda' runs CUDA tensors only, got device type '{device_type}'"
-    if dtype not in SUPPORTED_DTYPES:
-        return f"dtype {dtype} not supported"
-    return None
+def supports_on(backend: str, device_type: str):
+    """The registry's ``supports`` predicate of a backend that runs tensors of one device type."""
+    def supports(given: str, dtype: torch.dtype) -> Optional[str]:
+        if given != device_type:
+            kind = device_type.upper()
+            return f"backend '{backend}' runs {kind} tensors only, got device type '{given}'"
+        if dtype not in SUPPORTED_DTYPES:
+            return f"dtype {dtype} not supported"
+        return None
+    return supports
