@@ -43,6 +43,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -286,15 +287,31 @@ static void gram_panel(const Problem& p, bool is_y, int64_t b0, int64_t bc, cons
   if (p.Q) mm_into(out.narrow(2, p.N, p.Q), rows, mm_segment(p, is_y, true).narrow(0, b0, bc).transpose(1, 2), p);
 }
 
-// g_rows = W'·X over both segments; W' is rounded to the operand dtype for half inputs (CUDA).
+// Powers of two (bc, nr) that bring each row's largest |W'| into [2^13, 2^14) (1 for a zero or
+// non-finite row): far below fp16's maximum, and exact to multiply and divide by in fp32.
+// The Triton backend's pow2_row_scale is the same rule.
+static Tensor pow2_row_scale(const Tensor& w_panel) {
+  const Tensor peak = w_panel.abs().amax({2});
+  const Tensor exponent = std::get<1>(at::frexp(peak));  // peak = m·2^e, m in [0.5, 1)
+  const Tensor shift = (14 - exponent).clamp(-126, 126);
+  const Tensor scale = at::ldexp(at::ones_like(peak), shift);
+  return at::where((peak > 0).logical_and(at::isfinite(peak)), scale, at::ones_like(scale));
+}
+
+// g_rows = W'·X over both segments. For half inputs (CUDA) W' is rounded to the operand dtype;
+// for fp16 each row is first scaled by a power of two (pow2_row_scale) and the product unscaled
+// exactly, so the small gradient weights (~1/(B·M²) for "mean") never flush to zero.
 static void grad_panel(const Problem& p, bool is_y, int64_t b0, int64_t bc, const Tensor& w_panel, Tensor g_rows) {
-  const Tensor w = w_panel.to(p.mm_dtype);
+  const bool scaled = p.mm_dtype == at::kHalf;
+  const Tensor scale = scaled ? pow2_row_scale(w_panel).unsqueeze(2) : Tensor();
+  const Tensor w = (scaled ? w_panel * scale : w_panel).to(p.mm_dtype);
   mm_into(g_rows, w.narrow(2, 0, p.N), mm_segment(p, is_y, false).narrow(0, b0, bc), p);
   if (p.Q) {
     Tensor tail = at::empty_like(g_rows);
     mm_into(tail, w.narrow(2, p.N, p.Q), mm_segment(p, is_y, true).narrow(0, b0, bc), p);
     g_rows.add_(tail);
   }
+  if (scaled) g_rows.div_(scale);
 }
 
 // Panel rows: the two (rows × M) panels stay within a budget (64 MiB on CPU, where they should
@@ -637,6 +654,24 @@ class CublasTf32Scope {
   bool previous_ = false, changed_ = false;
 };
 
+// Problems (B,) with a non-finite value in any of their rows (live or memory, x or y). Their
+// values and gradients are NaN (DESIGN §2.6: a loss never hides a NaN); the kernels' selects
+// (0·log 0 = 0, zero rows) would otherwise turn some NaNs into plausible numbers.
+static Tensor nonfinite_problems(const Problem& p) {
+  auto any_bad = [](const Tensor& t) { return at::isfinite(t).logical_not().flatten(1).any(1); };
+  Tensor bad = any_bad(p.x).logical_or(any_bad(p.y));
+  if (p.Q) bad = bad.logical_or(any_bad(p.xm)).logical_or(any_bad(p.ym));
+  return bad;
+}
+
+// NaN for the rows (B, …) of flagged problems, without a host sync.
+static Tensor nan_where(const Tensor& bad, const Tensor& t) {
+  if (!t.defined() || t.numel() == 0) return t;
+  std::vector<int64_t> shape(t.dim(), 1);
+  shape[0] = bad.size(0);
+  return at::where(bad.view(shape), std::numeric_limits<double>::quiet_NaN(), t);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward(
     const Tensor& x, const Tensor& y, const std::optional<Tensor>& x_memory, const std::optional<Tensor>& y_memory,
     std::string divergence, bool exclude_self, double eps, bool tf32, std::string reduction, bool need_gx,
@@ -653,13 +688,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward(
   Tensor stats;
   auto [gx, gy] = gradients(p, st, w, div, exclude_self, eps, need_gx && fused, need_gy && fused, true, Tensor(),
                             Tensor(), &stats);
-  Tensor rows = stats[0];
+  const Tensor bad = nonfinite_problems(p);
+  // Divergences are >= 0: a rounding of an exactly-zero one below 0 is returned as 0 (DESIGN §2.5).
+  Tensor rows = nan_where(bad, stats[0].clamp_min(0.0));
+  if (gx.defined()) gx = nan_where(bad, gx);
+  if (gy.defined()) gy = nan_where(bad, gy);
   Tensor value;
   if (reduction == "mean") value = rows.mean();
   else if (reduction == "sum") value = rows.sum();
   else value = x.dim() == 3 ? rows : rows[0];
   Tensor saved = at::stack({st.rx, st.ry, st.a, st.b, stats[1], stats[2]});
-  return {value.to(x.scalar_type()).clone(), saved, grad_or_empty(gx, x, p.dtype), grad_or_empty(gy, y, p.dtype)};
+  return {value.clone(), saved, grad_or_empty(gx, x, p.dtype), grad_or_empty(gy, y, p.dtype)};
 }
 
 std::tuple<Tensor, Tensor> fused_backward(const Tensor& x, const Tensor& y, const std::optional<Tensor>& x_memory,
@@ -682,7 +721,8 @@ std::tuple<Tensor, Tensor> fused_backward(const Tensor& x, const Tensor& y, cons
   st.s_y = weighted_rows(p, true, st.ry);
   Tensor w = grad_rows.reshape({p.B, p.M}).to(p.dtype).contiguous();
   auto [gx, gy] = gradients(p, st, w, div, exclude_self, eps, need_gx, need_gy, false, sv[4], sv[5], nullptr);
-  return {grad_or_empty(gx, x, p.dtype), grad_or_empty(gy, y, p.dtype)};
+  const Tensor bad = nonfinite_problems(p);
+  return {grad_or_empty(nan_where(bad, gx), x, p.dtype), grad_or_empty(nan_where(bad, gy), y, p.dtype)};
 }
 
 TORCH_LIBRARY(d2sm_ext, m) {

@@ -18,7 +18,8 @@ from . import cpp_backend as _cpp_backend  # noqa: E402  (before Triton: it defi
 
 if _cpp_backend.LOAD_ERROR is None:
     register_backend("cpu", _cpp_backend.d2sm_fused, _cpp_backend.supports_on("cpu", "cpu"), priority=5,
-                     description="fused C++ kernel (BLAS panels + parallel epilogue), CPU tensors")
+                     description="fused C++ kernel (BLAS panels + parallel epilogue), CPU tensors",
+                     positive_eps=True)
 else:
     import warnings
 
@@ -30,7 +31,8 @@ if _cpp_backend.CUDA_ERROR is None:
     # on a GPU; "auto" keeps Triton on CUDA until benchmarks/gpu_check.sh has validated them.
     register_backend("cuda", _cpp_backend.d2sm_fused, _cpp_backend.supports_on("cuda", "cuda"), priority=7,
                      description="fused C++/CUDA kernels (cuBLAS panels + CUDA epilogue), CUDA tensors; "
-                                 "explicit only until validated on a GPU", auto_device_types=())
+                                 "explicit only until validated on a GPU", auto_device_types=(),
+                     usable=_cpp_backend.cuda_usable, positive_eps=True)
 else:
     mark_unavailable("cuda", _cpp_backend.CUDA_ERROR)
 
@@ -41,7 +43,8 @@ except Exception as exc:  # Triton missing or broken: the rest of the package st
 else:
     register_backend("triton", _triton_backend.d2sm_triton, _triton_backend.supports, priority=10,
                      description="fused Triton kernels: Gram tiles + fused epilogue, panel GEMM for the "
-                                 "gradient (CUDA; CPU only under TRITON_INTERPRET=1)", auto_device_types=("cuda",))
+                                 "gradient (CUDA; CPU only under TRITON_INTERPRET=1)", auto_device_types=("cuda",),
+                     usable=_triton_backend.usable, positive_eps=True)
 
 from .loss import D2SMLoss  # noqa: E402  (uses the registry above)
 

@@ -1,9 +1,11 @@
 """Backend registry: every implementation of the D2SM divergence registers here under a name.
 
 A backend is a function with the reference's signature (``d2sm_ext.reference.d2sm_reference``)
-plus keyword options it may ignore, and a ``supports`` predicate that says, for a device type and
-dtype, why it cannot run (a string) or ``None`` when it can. ``auto`` picks the usable backend with
-the highest priority, so a fused backend registered later takes over without the API changing.
+plus keyword options it may ignore, and two predicates that return why it cannot run (a string)
+or ``None`` when it can: ``usable()`` for this machine as a whole (a GPU backend without a GPU)
+and ``supports(device_type, dtype)`` for given tensors. ``auto`` picks the usable backend with the
+highest priority, so a fused backend registered later takes over without the API changing.
+Fused backends need eps > 0 (``positive_eps``): with eps = 0, "auto" takes the reference.
 """
 from __future__ import annotations
 
@@ -25,7 +27,15 @@ class Backend:
     # Device types on which "auto" may pick this backend (None: any it supports). A backend can be
     # usable on a device by explicit request but too slow to be chosen there automatically.
     auto_device_types: Optional[tuple[str, ...]] = None
+    # Why the backend cannot run on this machine at all (None: it can).
+    usable: Callable[[], Reason] = lambda: None
+    # The fused kernels floor every kernel value at eps and take its log: they need eps to be a
+    # positive normal float32 (>= MIN_FUSED_EPS). The reference handles eps = 0 (values may be +inf).
+    positive_eps: bool = False
 
+
+# The smallest eps a fused backend accepts: float32's smallest normal number.
+MIN_FUSED_EPS = torch.finfo(torch.float32).tiny
 
 _REGISTRY: dict[str, Backend] = {}
 # Backends that exist in the code base but could not be loaded here, with the reason.
@@ -39,8 +49,10 @@ def register_backend(
     priority: int,
     description: str,
     auto_device_types: Optional[tuple[str, ...]] = None,
+    usable: Callable[[], Reason] = lambda: None,
+    positive_eps: bool = False,
 ) -> None:
-    _REGISTRY[name] = Backend(name, fn, supports, priority, description, auto_device_types)
+    _REGISTRY[name] = Backend(name, fn, supports, priority, description, auto_device_types, usable, positive_eps)
     _UNAVAILABLE.pop(name, None)
 
 
@@ -50,42 +62,62 @@ def mark_unavailable(name: str, reason: str) -> None:
         _UNAVAILABLE[name] = reason
 
 
+def _usable() -> list[Backend]:
+    return [b for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority) if b.usable() is None]
+
+
 def available_backends() -> dict[str, str]:
-    """Registered backends with their descriptions (what ``backend=`` accepts besides 'auto')."""
-    return {b.name: b.description for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)}
+    """Backends that can run on this machine, with their descriptions (what ``backend=`` accepts
+    besides 'auto'), highest priority first."""
+    return {b.name: b.description for b in _usable()}
 
 
 def unavailable_backends() -> dict[str, str]:
-    """Known backends that could not be loaded here, with the reason."""
-    return dict(_UNAVAILABLE)
+    """Known backends that cannot run on this machine, with the reason (not built, no GPU, ...)."""
+    reasons = dict(_UNAVAILABLE)
+    for b in _REGISTRY.values():
+        reason = b.usable()
+        if reason is not None:
+            reasons[b.name] = reason
+    return reasons
 
 
 def _describe_choices() -> str:
     parts = [f"'{n}'" for n in available_backends()]
     text = "available: 'auto', " + ", ".join(parts)
-    if _UNAVAILABLE:
-        text += "; unavailable here: " + "; ".join(f"'{n}' ({r})" for n, r in _UNAVAILABLE.items())
+    unavailable = unavailable_backends()
+    if unavailable:
+        text += "; unavailable here: " + "; ".join(f"'{n}' ({r})" for n, r in unavailable.items())
     return text
 
 
-def resolve_backend(name: str, device_type: str, dtype: torch.dtype) -> Backend:
-    """The backend to run for inputs on ``device_type`` with ``dtype``; a clear error otherwise."""
+def _eps_reason(backend: Backend, eps: float) -> Reason:
+    if backend.positive_eps and not eps >= MIN_FUSED_EPS:
+        return (f"its fused kernels need eps >= {MIN_FUSED_EPS:.3g} (a positive normal float32), got eps={eps!r}; "
+                f"use backend='reference' (or 'auto') for eps = 0")
+    return None
+
+
+def resolve_backend(name: str, device_type: str, dtype: torch.dtype, eps: float = 1e-8) -> Backend:
+    """The backend to run for inputs on ``device_type`` with ``dtype`` and kernel floor ``eps``;
+    a clear error otherwise."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}; {_describe_choices()}")
     if name == "auto":
-        for backend in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
+        for backend in _usable():
             auto_ok = backend.auto_device_types is None or device_type in backend.auto_device_types
-            if auto_ok and backend.supports(device_type, dtype) is None:
+            if auto_ok and backend.supports(device_type, dtype) is None and _eps_reason(backend, eps) is None:
                 return backend
         raise ValueError(
             f"no backend supports {dtype} tensors on device type '{device_type}'; {_describe_choices()}"
         )
-    if name not in _REGISTRY:
-        if name in _UNAVAILABLE:
-            raise ValueError(f"backend '{name}' is unavailable: {_UNAVAILABLE[name]}; {_describe_choices()}")
+    if name not in _REGISTRY or _REGISTRY[name].usable() is not None:
+        unavailable = unavailable_backends()
+        if name in unavailable:
+            raise ValueError(f"backend '{name}' cannot run here: {unavailable[name]}; {_describe_choices()}")
         raise ValueError(f"unknown backend {name!r}; {_describe_choices()}")
     backend = _REGISTRY[name]
-    reason = backend.supports(device_type, dtype)
+    reason = backend.supports(device_type, dtype) or _eps_reason(backend, eps)
     if reason is not None:
         raise ValueError(
             f"backend '{name}' cannot run {dtype} tensors on device type '{device_type}': {reason}; "

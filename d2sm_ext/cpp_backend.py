@@ -56,3 +56,10 @@ def supports_on(backend: str, device_type: str):
             return f"dtype {dtype} not supported"
         return None
     return supports
+
+
+def cuda_usable() -> Optional[str]:
+    """Why backend "cuda" cannot run on this machine (None when a CUDA device is visible)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+    return None

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .backends import resolve_backend
-from .reference import DIVERGENCES, REDUCTIONS
+from .reference import DIVERGENCES, REDUCTIONS, promote
 
 PRECISIONS = ("auto", "ieee", "tf32")
 
@@ -54,8 +54,6 @@ def validate_inputs(
         raise ValueError(f"x must be (M, d) or (B, M, d), got a {x.ndim}-d tensor of shape {tuple(x.shape)}")
     if x.shape != y.shape:
         raise ValueError(f"x and y must have the same shape, got x {tuple(x.shape)} and y {tuple(y.shape)}")
-    if x.dtype != y.dtype:
-        raise TypeError(f"x and y must have the same dtype, got x {x.dtype} and y {y.dtype}")
     if x.device != y.device:
         raise ValueError(f"x and y must be on the same device, got x on {x.device} and y on {y.device}")
     if x.shape[-1] < 1:
@@ -84,8 +82,6 @@ def validate_inputs(
                 f"memory rows must be {expected} matching x {tuple(x.shape)}, got {tuple(x_memory.shape)}"
             )
         for name, mem in (("x_memory", x_memory), ("y_memory", y_memory)):
-            if mem.dtype != x.dtype:
-                raise TypeError(f"{name} must have x's dtype {x.dtype}, got {mem.dtype}")
             if mem.device != x.device:
                 raise ValueError(f"{name} must be on x's device {x.device}, got {mem.device}")
         n_memory = x_memory.shape[-2]
@@ -126,12 +122,17 @@ def d2sm_divergence(
 
     Args:
         x, y: (M, d) or (B, M, d) features; row i of x and row i of y describe the same sample.
-            A 3-d input is a batch of B independent problems.
+            A 3-d input is a batch of B independent problems. x, y and the memory rows may have
+            different floating dtypes: they are promoted to the widest (as PyTorch's binary ops
+            do; float16 with bfloat16 gives float32), and each gradient comes back in its
+            input's dtype.
         divergence: "kl" (default, paper Eq. 2), "reverse_kl", "symmetric_kl" or "js".
         exclude_self: leave j = i out of row i's neighbour distribution (paper; default).
         reduction: "mean" over rows (and problems), "sum", or "none" (shape (M,) or (B, M)).
         eps: kernel floor added to every kernel value (default 1e-8; keeps logs finite when two
-            rows are antipodal). eps = 0 is allowed; a divergence can then be +inf.
+            rows are antipodal). eps = 0 is allowed; a divergence can then be +inf. The fused
+            backends need eps >= 1.18e-38 (a normal float32): "auto" takes the reference for a
+            smaller eps, and naming a fused backend then raises.
         backend: "auto" (fastest usable for the tensors' device and dtype), "reference", or any
             name from ``d2sm_ext.available_backends()``.
         x_memory, y_memory: optional history rows (Q, d) or (B, Q, d). The sample set is the rows
@@ -143,10 +144,14 @@ def d2sm_divergence(
             ``torch.get_float32_matmul_precision()`` != "highest"). The reference ignores it.
 
     Returns:
-        A scalar for "mean"/"sum", per-row values for "none"; in the input dtype.
+        A scalar for "mean"/"sum", per-row values for "none"; in the (promoted) input dtype, or
+        under ``torch.autocast`` in float32 (float64 for float64 inputs), as PyTorch's losses.
+        Per-row values are >= 0 (a rounding of an exactly-zero divergence below 0 is returned
+        as 0); a non-finite value in any row of a problem makes all its rows NaN.
     """
     validate_inputs(x, y, divergence, exclude_self, reduction, eps, x_memory, y_memory, precision)
-    impl = resolve_backend(backend, x.device.type, x.dtype)
+    x, y, x_memory, y_memory = promote(x, y, x_memory, y_memory)
+    impl = resolve_backend(backend, x.device.type, x.dtype, float(eps))
     return impl.fn(
         x, y, divergence=divergence, exclude_self=exclude_self, reduction=reduction, eps=float(eps),
         x_memory=x_memory, y_memory=y_memory, precision=precision,

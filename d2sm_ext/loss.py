@@ -140,8 +140,7 @@ class D2SMLoss(nn.Module):
             fy, _ = dist_helpers.all_gather_rows(fy)
         x_mem = y_mem = None
         if self.queue is not None:
-            x_mem, y_mem = self.queue.memory()
-            x_mem, y_mem = x_mem.to(fx.dtype), y_mem.to(fx.dtype)
+            x_mem, y_mem = self.queue.memory()  # the queue's dtype: d2sm_divergence promotes
             if x_mem.shape[0] == 0:
                 x_mem = y_mem = None
         loss = d2sm_divergence(fx, fy, divergence=self.divergence, exclude_self=self.exclude_self,

@@ -11,11 +11,19 @@ Triton, in C++ with ``TORCH_LIBRARY`` for the extension):
              Tensor grad_rows, str divergence, bool exclude_self, float eps, bool tf32,
              bool need_gx, bool need_gy) -> (Tensor gx, Tensor gy)
 
-``value`` is the reduced loss (or per-row values for "none") in x's dtype; ``saved`` holds six
+``value`` is the reduced loss (or per-row values for "none") in the compute dtype (float32 for
+float16/bfloat16/float32 inputs, float64 for float64); ``call`` casts it to x's dtype outside
+autocast and keeps it in float32 under autocast, like PyTorch's losses. ``saved`` holds six
 (B, M) row statistics (1/‖x‖, 1/‖y‖, A, B, ū, v̄) in the compute dtype; for "mean"/"sum" the
 forward also returns ∂value/∂x and ∂value/∂y (computed in the same pass; empty unless asked),
 so the backward only scales them by grad_output — no host sync. For "none" the backward op
 recomputes the tiles with the upstream gradient as row weights.
+
+Mixed precision (docs/DESIGN.md §4): both ops have an autocast kernel on CPU and CUDA that casts
+x, y and the memory rows to their widest dtype and runs the op with autocast excluded, so the
+ATen GEMMs inside it are not re-dispatched to lower precision. The gradients the ops return are
+in the compute dtype; the autograd formula applies the upstream gradient first and casts to the
+input's dtype last, so nothing is rounded to half precision before a GradScaler's scale is in.
 """
 from __future__ import annotations
 
@@ -23,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from .reference import compute_dtype
+from .reference import compute_dtype, output_dtype, promote
 
 EMPTY = (0,)
 
@@ -35,12 +43,12 @@ def _grad_shape(t: torch.Tensor, needed: bool):
 def fake_forward(x, y, x_memory, y_memory, divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy):
     bsz = x.shape[0] if x.ndim == 3 else 1
     m = x.shape[-2] + (0 if x_memory is None else x_memory.shape[-2])
-    if reduction == "none":
-        value = x.new_empty((bsz, m) if x.ndim == 3 else (m,))
-    else:
-        value = x.new_empty(())
-    fused = reduction != "none"
     cdt = compute_dtype(x.dtype)
+    if reduction == "none":
+        value = x.new_empty((bsz, m) if x.ndim == 3 else (m,), dtype=cdt)
+    else:
+        value = x.new_empty((), dtype=cdt)
+    fused = reduction != "none"
     return (value, x.new_empty((6, bsz, m), dtype=cdt),
             x.new_empty(_grad_shape(x, need_gx and fused), dtype=cdt),
             y.new_empty(_grad_shape(y, need_gy and fused), dtype=cdt))
@@ -55,6 +63,7 @@ def _setup_context(ctx, inputs, output):
     x, y, x_memory, y_memory, divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy = inputs
     _, saved, gx, gy = output
     ctx.options = (divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy)
+    ctx.input_dtypes = (x.dtype, y.dtype)
     if reduction == "none":
         ctx.save_for_backward(x, y, x_memory, y_memory, saved)
     else:
@@ -74,16 +83,48 @@ def _make_backward(backward_op: Callable):
             gx, gy = ctx.saved_tensors
             scale = grad_value.to(gx.dtype)
             gx, gy = gx * scale, gy * scale
-        dx = gx.to(grad_value.dtype) if need_x else None
-        dy = gy.to(grad_value.dtype) if need_y else None
+        # Upstream gradient applied in the compute dtype, then one cast to each input's dtype.
+        dx = gx.to(ctx.input_dtypes[0]) if need_x else None
+        dy = gy.to(ctx.input_dtypes[1]) if need_y else None
         return dx, dy, None, None, None, None, None, None, None, None, None
     return backward
 
 
+# Libraries holding the autocast registrations (kept alive for the life of the process).
+_AUTOCAST_LIBS: list = []
+
+
+def _register_autocast(qualname: str) -> None:
+    """Autocast kernels (CPU and CUDA) for op ``qualname``, whose first four arguments are x, y,
+    x_memory, y_memory: promote those to their widest dtype, then run the op with autocast
+    excluded. The op then computes exactly as it does outside autocast, in its own precision
+    (tensor-core GEMMs with fp32 accumulation for half inputs on CUDA)."""
+    namespace, name = qualname.split("::")
+    op = getattr(getattr(torch.ops, namespace), name).default
+    lib = torch.library.Library(namespace, "IMPL")
+    _AUTOCAST_LIBS.append(lib)
+    for device_type in ("cpu", "cuda"):
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = getattr(torch._C.DispatchKey, key_name)
+
+        def run(*args, _key=key):
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return op(*promote(*args[:4]), *args[4:])
+
+        # py_impl: what tracing (torch.compile, make_fx) runs; lib.impl: the C++ dispatcher.
+        if op.has_kernel_for_dispatch_key(key):
+            op.py_kernels.pop(key, None)
+        op.py_impl(key)(run)
+        lib.impl(name, lambda _keyset, *args, _run=run: _run(*args), key_name, with_keyset=True)
+
+
 def register(forward_name: str, backward_name: str) -> None:
-    """Fake implementations for both ops and the autograd formula of the forward op."""
+    """Fake implementations and autocast kernels for both ops, and the autograd formula of the
+    forward op."""
     torch.library.register_fake(forward_name, fake_forward)
     torch.library.register_fake(backward_name, fake_backward)
+    _register_autocast(forward_name)
+    _register_autocast(backward_name)
     namespace, name = backward_name.split("::")
     backward_op = getattr(getattr(torch.ops, namespace), name)
     torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
@@ -116,4 +157,4 @@ def call(forward_op: Callable, x, y, divergence, exclude_self, reduction, eps, x
         x_memory, y_memory = x_memory.detach(), y_memory.detach()
     value, _, _, _ = forward_op(x, y, x_memory, y_memory, divergence, exclude_self, float(eps), tf32, reduction,
                                 need_gx, need_gy)
-    return value
+    return value.to(output_dtype(x))

@@ -13,10 +13,13 @@ Conventions (shared by every backend, see ``d2sm_ext.functional`` for the public
   antipodal rows, so the kernel is never negative and ``log K'`` is finite whenever eps > 0.
 * Terms with a zero probability contribute zero (``0·log 0 = 0``), so eps = 0 is allowed; a
   divergence can then be +inf, which is the true value.
-* float16/bfloat16 inputs are computed in float32 and the result is returned in the input dtype;
-  float32 and float64 are computed natively.
+* float16/bfloat16 inputs are computed in float32 and the result is returned in the input dtype
+  (in float32 under autocast, see ``output_dtype``); float32 and float64 are computed natively.
+  Autocast never lowers the precision of the formula itself.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -27,6 +30,29 @@ REDUCTIONS = ("mean", "sum", "none")
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a backend computes in for inputs of ``dtype`` (half types are upcast)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of a loss computed from ``x``: x's own dtype, or under autocast for x's device
+    the compute dtype (float32 for half and float32 inputs), as PyTorch's losses return."""
+    if torch.is_autocast_enabled(x.device.type):
+        return compute_dtype(x.dtype)
+    return x.dtype
+
+
+def common_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """The widest dtype of the given tensors (float16 with bfloat16 gives float32)."""
+    present = [t.dtype for t in tensors if t is not None]
+    out = present[0]
+    for dtype in present[1:]:
+        out = torch.promote_types(out, dtype)
+    return out
+
+
+def promote(*tensors: Optional[torch.Tensor]) -> tuple:
+    """The tensors cast to their common dtype (differentiable casts; None stays None)."""
+    dtype = common_dtype(*tensors)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def normalize_rows(v: torch.Tensor) -> torch.Tensor:
@@ -45,8 +71,16 @@ def _kernel_matrix(v: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _safe_log(t: torch.Tensor) -> torch.Tensor:
-    """``log t`` where ``t > 0`` and 0 elsewhere, with no -inf/NaN reaching autograd."""
-    return torch.log(torch.where(t > 0, t, torch.ones_like(t)))
+    """``log t`` for ``t >= 0`` with ``log 0`` read as 0 and no -inf reaching autograd; a NaN
+    stays NaN (a non-finite input must show in the loss, never be hidden)."""
+    return torch.log(torch.where(t == 0, torch.ones_like(t), t))
+
+
+def clamp_rounding(rows: torch.Tensor) -> torch.Tensor:
+    """Per-row divergences are >= 0; a value below 0 is rounding of an exactly-zero divergence
+    and is returned as 0. The gradient is left as the formula's (straight through), so a fused
+    backend that clamps only its values still has the reference's gradients. NaN and +inf pass."""
+    return torch.where(rows < 0, rows - rows.detach(), rows)
 
 
 def _plogp_ratio(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -99,8 +133,11 @@ def d2sm_reference(
     cdt = compute_dtype(x.dtype)
     if x_memory is not None:
         x_memory, y_memory = x_memory.detach().to(cdt), y_memory.detach().to(cdt)
-    out = dense_divergence(x.to(cdt), y.to(cdt), divergence, exclude_self, reduction, eps, x_memory, y_memory)
-    return out.to(x.dtype)
+    # Autocast would run the matmuls below in half precision (and everything after them): the
+    # formula is evaluated in the compute dtype whatever the autocast state.
+    with torch.autocast(x.device.type, enabled=False):
+        out = dense_divergence(x.to(cdt), y.to(cdt), divergence, exclude_self, reduction, eps, x_memory, y_memory)
+    return out.to(output_dtype(x))
 
 
 def dense_divergence(x, y, divergence, exclude_self, reduction, eps, x_memory=None, y_memory=None):
@@ -121,7 +158,7 @@ def dense_divergence(x, y, divergence, exclude_self, reduction, eps, x_memory=No
         ky = ky * off_diag
     p = kx / kx.sum(dim=-1, keepdim=True)
     q = ky / ky.sum(dim=-1, keepdim=True)
-    rows = _row_divergence(p, q, divergence)
+    rows = clamp_rounding(_row_divergence(p, q, divergence))
 
     if reduction == "mean":
         return rows.mean()

@@ -44,7 +44,11 @@ gradient buffers.
 Precision: row statistics and all accumulations are fp32. float32 inputs use IEEE fp32 dots or
 TF32 tensor-core dots (``precision``: "ieee", "tf32", or "auto" = follow PyTorch's float32
 matmul setting, see ``op_glue.use_tf32``); float16/bfloat16 inputs use fp16/bf16 tensor-core
-dots with fp32 accumulation, and W' is rounded to the input dtype for the gradient GEMM.
+dots with fp32 accumulation. W' is rounded to the input dtype for the gradient GEMM; for
+float16 each row of W' is first scaled by a power of two into fp16's range and the product is
+unscaled exactly (``pow2_row_scale``), so the gradient weights (~1/(B·M²) for "mean") never flush
+to zero; the gradient is accumulated and finished in fp32 and cast to the input dtype only after
+the upstream gradient is applied.
 Results are deterministic: every output element is written by one program with a fixed loop
 order, the split partials are summed in a fixed order, no atomics.
 """
@@ -249,15 +253,35 @@ def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
                 if w_panel is None:
                     continue
                 g_rows = g[:, r0:r1]
+                # fp16 operands: W' (~1/(B·M²) for "mean") would flush to zero in fp16; each row is
+                # scaled by a power of two into fp16's range and the product unscaled exactly.
+                scaled = x.dtype == torch.float16
+                row_scale = pow2_row_scale(w_panel[:, :r1 - r0]) if scaled else dummy
                 grid = (triton_cdiv(r1 - r0, gcfg["BM"]), triton_cdiv(d, gcfg["BN"]), bsz)
                 K.panel_grad_kernel[grid](
                     w_panel, panel, r1 - r0,
                     seg, seg.stride(0), seg.stride(1), seg.stride(2), mem, mem.stride(0), mem.stride(1), mem.stride(2),
-                    n, q, d, g_rows, g_rows.stride(0), g_rows.stride(1),
+                    n, q, d, g_rows, g_rows.stride(0), g_rows.stride(1), row_scale,
                     BM=gcfg["BM"], BN=gcfg["BN"], BK=gcfg["BK"], PRECISION=precision, UPCAST=upcast,
-                    num_warps=gcfg["num_warps"], num_stages=gcfg["num_stages"],
+                    SCALE_ROWS=scaled, num_warps=gcfg["num_warps"], num_stages=gcfg["num_stages"],
                 )
     return stats
+
+
+# Scaled rows of W' peak in [2^13, 2^14): far below fp16's maximum (65504), so the scaled
+# operand cannot overflow, and entries down to ~2^-10 of the row's peak stay normal numbers.
+_FP16_ROW_PEAK_EXP = 14
+
+
+def pow2_row_scale(w: torch.Tensor) -> torch.Tensor:
+    """Per-row powers of two (…, R) that bring max_j |w[…, r, j]| into [2^13, 2^14) (1 for a zero
+    or non-finite row). Multiplying and dividing by them is exact in fp32."""
+    peak = w.abs().amax(dim=-1)
+    _, exponent = torch.frexp(peak)  # peak = m·2^e, m in [0.5, 1)
+    shift = torch.clamp(_FP16_ROW_PEAK_EXP - exponent, min=-126, max=126)
+    scale = torch.ldexp(torch.ones_like(peak), shift)
+    ok = (peak > 0) & torch.isfinite(peak)
+    return torch.where(ok, scale, torch.ones_like(scale)).contiguous()
 
 
 def _finish_grad(pairwise, live, segs, inv_norm, norm, weights, bar, s, exclude_self):
@@ -303,6 +327,22 @@ def _grads(x, y, xm, ym, div, exclude_self, eps, tf32, weights, need_gx, need_gy
 # ----------------------------------------------------------------------------------------------
 # Custom ops (torch.library): opaque to torch.compile; fake shapes and autograd in op_glue.
 # ----------------------------------------------------------------------------------------------
+def _nonfinite_problems(x, y, xm, ym) -> torch.Tensor:
+    """(B,) flags: a non-finite value in any row of the problem (live or memory, x or y). Their
+    values and gradients are NaN (DESIGN §2.6); the kernels' selects would hide some NaNs."""
+    bad = ~(torch.isfinite(x).flatten(1).all(1) & torch.isfinite(y).flatten(1).all(1))
+    if xm is not None:
+        bad = bad | ~(torch.isfinite(xm).flatten(1).all(1) & torch.isfinite(ym).flatten(1).all(1))
+    return bad
+
+
+def _nan_where(bad: torch.Tensor, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """NaN in the rows (B, …) of flagged problems, no host sync."""
+    if t is None:
+        return None
+    return torch.where(bad.view(-1, *([1] * (t.ndim - 1))), float("nan"), t)
+
+
 def _grad_or_empty(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """A custom op's outputs may not alias each other: a fresh empty tensor for "not computed"."""
     if grad is None:
@@ -325,7 +365,10 @@ def triton_d2sm(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[torch.Tenso
     weights = torch.full((bsz, m), scale, dtype=torch.float32, device=x.device)
     stats, gx, gy = _grads(x3, y3, xm3, ym3, divergence, exclude_self, eps, tf32, weights,
                            need_gx and fused, need_gy and fused, True, row_stats)
-    rows = stats[0]
+    bad = _nonfinite_problems(x3, y3, xm3, ym3)
+    # Divergences are >= 0: a rounding of an exactly-zero one below 0 is returned as 0 (DESIGN §2.5).
+    rows = _nan_where(bad, stats[0].clamp_min(0.0))
+    gx, gy = _nan_where(bad, gx), _nan_where(bad, gy)
     if reduction == "mean":
         value = rows.mean()
     elif reduction == "sum":
@@ -334,7 +377,7 @@ def triton_d2sm(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[torch.Tenso
         value = rows if x.ndim == 3 else rows[0]
     _, _, rx, ry, a, bn, _, _ = row_stats
     saved = torch.stack([rx, ry, a, bn, stats[1], stats[2]])
-    return value.to(x.dtype), saved, _grad_or_empty(gx, x), _grad_or_empty(gy, y)
+    return value, saved, _grad_or_empty(gx, x), _grad_or_empty(gy, y)
 
 
 @torch.library.custom_op("d2sm_ext::triton_d2sm_backward", mutates_args=())
@@ -351,6 +394,8 @@ def triton_d2sm_backward(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[to
     weights = grad_rows.reshape(rx.shape).to(torch.float32).contiguous()
     _, gx, gy = _grads(x3, y3, xm3, ym3, divergence, exclude_self, eps, tf32, weights, need_gx, need_gy,
                        False, (xsegs, ysegs, rx, ry, a, bn, sx, sy), saved_bars=(pu, qv))
+    bad = _nonfinite_problems(x3, y3, xm3, ym3)
+    gx, gy = _nan_where(bad, gx), _nan_where(bad, gy)
     return _grad_or_empty(gx, x), _grad_or_empty(gy, y)
 
 
@@ -365,6 +410,13 @@ def d2sm_triton(x, y, divergence="kl", exclude_self=True, reduction="mean", eps=
     """Same contract as ``d2sm_reference`` (inputs validated by ``d2sm_divergence``)."""
     return op_glue.call(torch.ops.d2sm_ext.triton_d2sm, x, y, divergence, exclude_self, reduction, eps,
                         x_memory, y_memory, op_glue.use_tf32(precision))
+
+
+def usable() -> Optional[str]:
+    """Why the backend cannot run on this machine (None with a CUDA device or the interpreter)."""
+    if torch.cuda.is_available() or interpreter_active():
+        return None
+    return "no CUDA device is visible, and TRITON_INTERPRET=1 (Triton's CPU interpreter, for tests) is not set"
 
 
 def supports(device_type: str, dtype: torch.dtype) -> Optional[str]:

@@ -274,13 +274,15 @@ def pair_panel_kernel(
 def panel_grad_kernel(
     w_ptr, panel_rows, n_rows,
     xl_ptr, sxl_b, sxl_m, sxl_d, xm_ptr, sxm_b, sxm_m, sxm_d, N, Q, D,
-    g_ptr, sg_b, sg_m,
+    g_ptr, sg_b, sg_m, scale_ptr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SCALE_ROWS: tl.constexpr,
 ):
     """g[b, rows, cols] = W'[b, rows, :] @ [x_live; x_memory][b, :, cols] — a GEMM over the M
     sample rows (two tensors, never concatenated), fp32 accumulation. W' is rounded to the
-    input dtype for the dot (tensor cores for fp16/bf16; ieee or tf32 for fp32)."""
+    input dtype for the dot (tensor cores for fp16/bf16; ieee or tf32 for fp32). SCALE_ROWS:
+    row r of W' is multiplied by the power of two scale[b, r] before the rounding and the
+    product divided by it after (exact), so fp16 does not flush small weights to zero."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -290,6 +292,10 @@ def panel_grad_kernel(
     cols = pid_c.to(tl.int64) * BN + tl.arange(0, BN)
     cols_ok = cols < D
     w_base = w_ptr + b * panel_rows * M + rows[:, None] * M
+    if SCALE_ROWS:
+        scale = tl.load(scale_ptr + b * n_rows + rows, mask=rows_ok, other=1.0)
+    else:
+        scale = tl.full((BM,), 1.0, dtype=tl.float32)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(0, N, BK):
         kk = (k + tl.arange(0, BK)).to(tl.int64)
@@ -297,6 +303,8 @@ def panel_grad_kernel(
         xk = tl.load(xl_ptr + b * sxl_b + kk[:, None] * sxl_m + cols[None, :] * sxl_d,
                      mask=k_ok[:, None] & cols_ok[None, :], other=0.0)
         wk = tl.load(w_base + kk[None, :], mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+        if SCALE_ROWS:
+            wk = wk * scale[:, None]
         acc += _dot(wk.to(xk.dtype), xk, PRECISION, UPCAST)
     for k in range(0, Q, BK):
         kk = (k + tl.arange(0, BK)).to(tl.int64)
@@ -304,6 +312,10 @@ def panel_grad_kernel(
         xk = tl.load(xm_ptr + b * sxm_b + kk[:, None] * sxm_m + cols[None, :] * sxm_d,
                      mask=k_ok[:, None] & cols_ok[None, :], other=0.0)
         wk = tl.load(w_base + N + kk[None, :], mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+        if SCALE_ROWS:
+            wk = wk * scale[:, None]
         acc += _dot(wk.to(xk.dtype), xk, PRECISION, UPCAST)
+    if SCALE_ROWS:
+        acc = acc / scale[:, None]
     g = g_ptr + b * sg_b + rows[:, None] * sg_m + cols[None, :]
     tl.store(g, acc, mask=rows_ok[:, None] & cols_ok[None, :])

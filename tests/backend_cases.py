@@ -206,3 +206,76 @@ def check_compile_fullgraph(backend, device, divergence):
     out.backward()
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(net.weight.grad, g_eager)
+
+
+def backends_on(device_type, dtype=torch.float32):
+    """Names of the backends that can run ``dtype`` tensors on ``device_type`` here."""
+    from d2sm_ext.backends import resolve_backend
+    names = []
+    for name in d2sm_ext.available_backends():
+        try:
+            resolve_backend(name, device_type, dtype)
+        except ValueError:
+            continue
+        names.append(name)
+    return names
+
+
+def low_precision_bound(truth, plain):
+    """flash-attention's rule: 2× the error of the same dense formula in that dtype, plus a
+    floor of 1e-3 of the largest reference entry for ties at tiny errors."""
+    return LOW_PRECISION_FACTOR * max_err(plain, truth) + 1e-3 * truth.abs().max().item()
+
+
+def check_under_autocast(backend, device, autocast_dtype, feature_dtype, red):
+    """Under autocast the op runs in its own precision (no half matmuls re-dispatched inside it)
+    and returns float32; value and gradients equal the float64 reference evaluated on the same
+    features (rounded to half precision when they are half), within the float32 tolerance or
+    the 2× rule of plain PyTorch in that dtype."""
+    x, y, mem = make_inputs((2, 30, 24), 12, device, dtype=feature_dtype)
+    upstream = None if red == "mean" else torch.randn(2, 42, device=device)
+    with torch.autocast(device, dtype=autocast_dtype):
+        out = d2sm_ext.d2sm_divergence(x, y, reduction=red, backend=backend, x_memory=mem[0], y_memory=mem[1])
+    assert out.dtype == torch.float32
+    up = torch.full_like(out, 2.0) if upstream is None else upstream
+    gx, gy = torch.autograd.grad(out, (x, y), up)
+    assert gx.dtype == feature_dtype and gy.dtype == feature_dtype
+    want, wgx, wgy = reference64(x, y, mem, "kl", True, red, upstream)
+    if feature_dtype == torch.float32:
+        for name, got, truth in (("value", out, want), ("grad x", gx, wgx), ("grad y", gy, wgy)):
+            assert_f32_close(got, truth, name)
+        return
+    xl, yl = x.detach().clone().requires_grad_(True), y.detach().clone().requires_grad_(True)
+    plain = dense_divergence(xl, yl, "kl", True, red, 1e-8, *mem)  # plain PyTorch in that dtype, no autocast
+    pgx, pgy = torch.autograd.grad(plain, (xl, yl), up.to(plain.dtype))
+    for name, got, base, truth in (("value", out, plain, want), ("grad x", gx, pgx, wgx), ("grad y", gy, pgy, wgy)):
+        assert max_err(got, truth) <= low_precision_bound(truth, base), name
+
+
+def check_half_gradients(backend, device, dtype, m):
+    """m half-precision features, "mean": the gradient weights are ~1/m² per row pair, below
+    fp16's normal range. With a GradScaler-like scale of 1024 no entry is exactly zero where the
+    float64 reference is not, and the error is within the 2× rule of the same dense formula in
+    that dtype; unscaled, an entry is zero only where the float64 reference is within one
+    subnormal of zero (rounding it to the dtype could give 0 there too)."""
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(m, 16, generator=g)
+    y0 = (x0 + 0.7 * torch.randn(m, 16, generator=g)).to(device, dtype)
+    x0 = x0.to(device, dtype)
+
+    def grad(scale):
+        x = x0.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(d2sm_ext.d2sm_divergence(x, y0, backend=backend) * scale, x)
+        _, want, _ = reference64(x, y0, None, "kl", True, "mean", torch.tensor(scale))
+        return x, g, want
+
+    x, got, want = grad(1024.0)
+    assert not ((got == 0) & (want.to(device) != 0)).any()
+    xl = x.detach().clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(dense_divergence(xl, y0, "kl", True, "mean", 1e-8) * 1024.0, xl)
+    assert max_err(got, want) <= low_precision_bound(want, plain)
+
+    _, got, want = grad(1.0)
+    smallest = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # the smallest subnormal
+    flushed = (got.cpu() == 0) & (want.abs() > smallest)
+    assert not flushed.any(), f"{int(flushed.sum())} entries flushed to zero where the reference is > 1 subnormal"

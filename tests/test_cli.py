@@ -51,3 +51,13 @@ def test_help_explains_options(capsys):
     text = capsys.readouterr().out
     for opt in ("--steps", "--device", "--sigma", "--weight", "--out", "--seed"):
         assert opt in text
+
+
+def test_demo_without_its_extra_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now raises ImportError
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--steps", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "missing: tqdm" in err and "pip install 'd2sm_ext[demo]'" in err

@@ -11,8 +11,9 @@ import torch
 
 import d2sm_ext
 from backend_cases import (LOW_PRECISION_FACTOR, assert_f32_close, check_compile_fullgraph, check_edge_rows_float64,
-                           check_float64_literal, check_gradcheck, check_low_precision, check_non_contiguous,
-                           check_opcheck, check_parity, edge_inputs, make_inputs, max_err, reference64, run_backend)
+                           check_float64_literal, check_gradcheck, check_half_gradients, check_low_precision,
+                           check_non_contiguous, check_opcheck, check_parity, check_under_autocast, edge_inputs,
+                           make_inputs, max_err, reference64, run_backend)
 from d2sm_ext import cpp_backend
 from d2sm_ext.reference import DIVERGENCES, REDUCTIONS, d2sm_reference, dense_divergence
 
@@ -140,3 +141,52 @@ def test_opcheck():
 
 def test_torch_compile_fullgraph():
     check_compile_fullgraph("cuda", "cuda", "symmetric_kl")
+
+
+# Mixed precision on the GPU (docs/DESIGN.md §4), for both fused CUDA backends; the CPU variants
+# are tests/test_mixed_precision.py.
+CUDA_FUSED = ["cuda", "triton"]
+
+
+@pytest.mark.parametrize("backend", CUDA_FUSED)
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("feature_dtype", ["float32", "autocast"])
+@pytest.mark.parametrize("red", ["mean", "none"])
+def test_op_under_autocast(backend, autocast_dtype, feature_dtype, red):
+    features = torch.float32 if feature_dtype == "float32" else autocast_dtype
+    check_under_autocast(backend, "cuda", autocast_dtype, features, red)
+
+
+@pytest.mark.parametrize("backend", CUDA_FUSED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_gradients_do_not_flush_to_zero(backend, dtype):
+    check_half_gradients(backend, "cuda", dtype, 4096)
+
+
+@pytest.mark.parametrize("backend", CUDA_FUSED)
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("queue_size", [0, 16])
+def test_training_step_under_autocast_with_grad_scaler(backend, autocast_dtype, queue_size):
+    """Pooled patches (with and without a queue) and internal patches under CUDA autocast with a
+    GradScaler: finite float32 loss, finite non-zero parameter gradients."""
+    torch.manual_seed(1)
+    ext = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(2))
+    sampling = dict(sampling="pooled", queue_size=queue_size) if queue_size else dict(sampling="internal")
+    crit = d2sm_ext.D2SMLoss(extractor=ext, patch_size=8, stride=4, backend=backend, **sampling).cuda()
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 3, 3, padding=1)).cuda()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cuda")
+    clean = torch.rand(4, 3, 12, 12, device="cuda")
+    for _ in range(2):
+        noisy = clean + 0.1 * torch.randn_like(clean)
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=autocast_dtype):
+            loss = crit(noisy + net(noisy), clean)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        for p in net.parameters():
+            assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+        scaler.step(opt)
+        scaler.update()

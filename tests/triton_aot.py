@@ -52,9 +52,10 @@ def main() -> int:
         print(f"ok pair_panel_kernel {dtype} {precision} div={div} excl={excl} stats={stats} gx={gx} gy={gy} "
               f"shared={compiled.metadata.shared}")
         if gx or gy:
-            consts = dict(BM=128, BN=128, BK=32, PRECISION=precision, UPCAST=False)
-            compile_kernel(K.panel_grad_kernel, dtype, consts, {"w_ptr", "xl_ptr", "xm_ptr", "g_ptr"})
-            print(f"ok panel_grad_kernel {dtype} {precision}")
+            # fp16: rows of W' scaled by powers of two (no flush to zero)
+            consts = dict(BM=128, BN=128, BK=32, PRECISION=precision, UPCAST=False, SCALE_ROWS=dtype == "fp16")
+            compile_kernel(K.panel_grad_kernel, dtype, consts, {"w_ptr", "xl_ptr", "xm_ptr", "g_ptr", "scale_ptr"})
+            print(f"ok panel_grad_kernel {dtype} {precision} scale_rows={dtype == 'fp16'}")
     for fn, pointers in PREPASS:
         consts = dict(BM=32, BD=128)
         if "ACCUMULATE" in fn.arg_names:
