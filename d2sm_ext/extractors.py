@@ -10,7 +10,9 @@
   ``layer="fc7"`` (penultimate, 4096-d, default) or ``layer="conv5_4"`` (the public code's choice:
   the ReLU'd conv5_4 map, flattened; 100,352-d for a 224 input). Weights from a path you give,
   or torchvision's cache file ``<torch hub dir>/checkpoints/vgg19-dcbb9e9d.pth`` when present.
-* any ``nn.Module`` mapping B×3×H×W in [0, 1] to (B, d) or (B, ...) (flattened).
+* any ``nn.Module`` mapping B×3×H×W in [0, 1] to (B, d) or (B, ...) (flattened); it may declare
+  the smallest image side it accepts as a ``min_input_size`` attribute (D2SMLoss checks patch
+  sizes against it at construction).
 
 Every extractor is frozen: its parameters are turned into buffers (so they move with ``.to()`` /
 ``.double()`` but never appear in ``parameters()`` and never enter an optimizer), it stays in eval
@@ -42,10 +44,16 @@ def freeze(module: nn.Module) -> nn.Module:
 class FrozenExtractor(nn.Module):
     """Wraps a network: normalises [0, 1] images, runs it frozen in eval mode, flattens features."""
 
-    def __init__(self, network: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD, name: str = "custom"):
+    def __init__(self, network: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD, name: str = "custom",
+                 min_input_size: Optional[int] = None):
         super().__init__()
         self.network = freeze(network)
         self.name = name
+        # The smallest image side the network accepts (its strides and kernels need it); a custom
+        # network may declare it as a `min_input_size` attribute, else 1 (nothing known).
+        if min_input_size is None:
+            min_input_size = int(getattr(network, "min_input_size", 1))
+        self.min_input_size = min_input_size
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -54,7 +62,7 @@ class FrozenExtractor(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, frozen=True"
+        return f"name={self.name!r}, frozen=True, min_input_size={self.min_input_size}"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -191,7 +199,10 @@ def build_extractor(extractor: Union[str, nn.Module] = "efficientnet_lite0", wei
     if isinstance(extractor, nn.Module):
         return FrozenExtractor(extractor, name=type(extractor).__name__)
     if extractor == "efficientnet_lite0":
-        return FrozenExtractor(efficientnet_lite(0), name="efficientnet_lite0")
+        # five stride-2 stages: 32×32 is the smallest input its 5×5 "same" convolutions accept
+        return FrozenExtractor(efficientnet_lite(0), name="efficientnet_lite0", min_input_size=32)
     if extractor == "vgg19":
-        return FrozenExtractor(vgg19(weights, layer), name=f"vgg19.{layer}")
+        # 2×2 max-pools: five before fc7 (32 px), four before conv5_4 (16 px)
+        return FrozenExtractor(vgg19(weights, layer), name=f"vgg19.{layer}",
+                               min_input_size=32 if layer == "fc7" else 16)
     raise ValueError(f"extractor must be one of {EXTRACTORS} or an nn.Module, got {extractor!r}")

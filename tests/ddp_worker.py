@@ -83,6 +83,23 @@ def run(rank, world, init_file, out):
         result["train_losses"] = losses
         result["train_queue"] = crit.queue.history()[0]
         result["train_params"] = [p.detach().clone() for p in net.parameters()]
+
+        # 4. rank 1's batch is empty for two steps (pooled patches, a queue, both semantics):
+        # every rank joins every collective, backward works, the queues stay identical
+        for gather_live in (False, True):
+            net = nn.parallel.DistributedDataParallel(tiny_denoiser())
+            crit = D2SMLoss(extractor=tiny_extractor(), sampling="pooled", patch_size=8, stride=4, queue_size=32,
+                            gather_live=gather_live)
+            losses = []
+            for step in range(2):
+                clean = images(300 + step, 2 if rank == 0 else 0)
+                restored = clean + net(clean)
+                loss = crit(restored, clean)
+                loss.backward()
+                losses.append(loss.detach())
+            result[f"empty_losses_{gather_live}"] = losses
+            result[f"empty_grads_{gather_live}"] = [p.grad.clone() for p in net.parameters()]
+            result[f"empty_queue_{gather_live}"] = crit.queue.history()[0]
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

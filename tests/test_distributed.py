@@ -78,3 +78,24 @@ def test_ddp_training_three_steps(results):
     assert results[0]["train_queue"].shape[0] == min(3 * 2 * 2 * 4, 32)  # steps × ranks × images × patches, size 32
     for a, b in zip(results[0]["train_params"], results[1]["train_params"]):
         torch.testing.assert_close(a, b)  # DDP kept the replicas in sync
+
+
+@pytest.mark.parametrize("gather_live", [False, True])
+def test_empty_batch_on_one_rank(results, gather_live):
+    """Rank 1 has no images for two steps: nothing hangs, every loss is finite, the gradients
+    agree across ranks (DDP averaged them), and both queues hold rank 0's patches (2 steps ×
+    2 images × 4 patches). With gather_live rank 1 sees rank 0's live rows, so both ranks report
+    the same loss. Without it, rank 1 has no rows at step 0 (loss 0) and only the queue at step 1
+    (a constant: the queue rows' own divergence)."""
+    r0, r1 = results[0], results[1]
+    for r in results:
+        assert all(torch.isfinite(v) for v in r[f"empty_losses_{gather_live}"])
+    if gather_live:
+        for step in (0, 1):
+            torch.testing.assert_close(r0[f"empty_losses_True"][step], r1[f"empty_losses_True"][step])
+    else:
+        assert r1["empty_losses_False"][0] == 0 and r1["empty_losses_False"][1] > 0
+    for a, b in zip(r0[f"empty_grads_{gather_live}"], r1[f"empty_grads_{gather_live}"]):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(r0[f"empty_queue_{gather_live}"], r1[f"empty_queue_{gather_live}"])
+    assert r0[f"empty_queue_{gather_live}"].shape[0] == 16
