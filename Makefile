@@ -8,9 +8,9 @@ VPY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast demo bench clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/* csrc/*/*)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip "setuptools>=64" wheel ninja
 	$(VPY) -m pip install --quiet "$(TORCH_SPEC)"
@@ -21,6 +21,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests
+
+# The quick loop while developing: everything except the tests marked slow (builds, subprocesses).
+test-fast: $(STAMP)
+	$(VPY) -m pytest -q -m "not slow" tests
 
 # Benchmarks (not part of `make test`): the comparison table + sweep plots, then pytest-benchmark.
 bench: $(STAMP)

@@ -2,16 +2,18 @@
 
     pip install --no-build-isolation -e .        # torch must be installed first
 
-The CUDA kernels (csrc/d2sm_cuda.cu) are compiled whenever a CUDA toolkit is found — decided on
+The CUDA kernels (csrc/cuda/) are compiled whenever a CUDA toolkit is found — decided on
 the toolkit, not on a visible GPU, so that CI without a GPU still compiles them. The toolkit is
 $CUDA_HOME (or $CUDA_PATH), else the one behind the `nvcc` on PATH; when that nvcc is a wrapper
-script that execs another nvcc, the wrapped toolkit is used (DESIGN §5; tools/cuda_toolkit.py).
+script that execs another nvcc, the wrapped toolkit is used (docs/DESIGN.md §8; tools/cuda_toolkit.py).
 Where torch is a CPU-only build or its CUDA major version differs from the toolkit's (which
 torch.utils.cpp_extension refuses), the CPU kernels are built alone and the reason is printed.
 
-Environment switches (the habits of pytorch/extension-cpp and flash-attention):
-  D2SM_SKIP_EXTENSION=1   build no extension (pure Python; backends cpu/cuda are then unavailable)
-  D2SM_SKIP_CUDA=1        build the CPU kernels only, even where a toolkit exists
+Environment switches (the habits of pytorch/extension-cpp and flash-attention; every knob of the
+package: docs/DESIGN.md §7):
+  D2SM_BUILD_EXTENSION=0  build no extension (pure Python; backends cpu/cuda are then unavailable)
+  D2SM_BUILD_CUDA=0       build the CPU kernels only, even where a toolkit exists
+                          (the old D2SM_SKIP_EXTENSION=1 / D2SM_SKIP_CUDA=1 still work, with a warning)
   TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0" when no GPU is visible; with a GPU,
                           torch's default: the visible cards' archs)
   D2SM_CPU_FLAGS="..."    instruction-set flags for the CPU kernel (default: -mavx2 -mfma when the
@@ -25,9 +27,12 @@ import sys
 from setuptools import setup
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
-from cuda_toolkit import cuda_build_blocker, find_cuda_home, library_dir  # noqa: E402
+from cuda_toolkit import build_flag, cuda_build_blocker, find_cuda_home, library_dir  # noqa: E402
 
 DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100, H100/H200: every-arch builds take far too long here
+# csrc/ by concern and device: schemas, the device-generic driver, the CPU kernels (csrc/cuda/
+# is added where a toolkit is found). CMakeLists.txt lists the same CPU sources.
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/driver.cpp", "csrc/cpu/kernels.cpp"]
 
 
 def _cpu_flags():
@@ -42,7 +47,7 @@ def _cpu_flags():
 
 
 ext_modules, cmdclass = [], {}
-if os.environ.get("D2SM_SKIP_EXTENSION", "0") != "1":
+if build_flag("D2SM_BUILD_EXTENSION", "D2SM_SKIP_EXTENSION"):
     import torch
 
     blocker = cuda_build_blocker(torch.version.cuda)
@@ -64,14 +69,13 @@ if os.environ.get("D2SM_SKIP_EXTENSION", "0") != "1":
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
         ext_modules.append(CUDAExtension(
-            "d2sm_ext._C", ["csrc/d2sm.cpp", "csrc/d2sm_cuda.cu"],
-            define_macros=[("D2SM_WITH_CUDA", None)],
+            "d2sm_ext._C", CPU_SOURCES + ["csrc/cuda/kernels.cu"],
             extra_compile_args={"cxx": cxx, "nvcc": opt + ["-lineinfo"]},
             library_dirs=[library_dir(cuda_home)],  # torch adds lib64/ only; some toolkits use lib/
             **common))
     else:
         ext_modules.append(CppExtension(
-            "d2sm_ext._C", ["csrc/d2sm.cpp"], extra_compile_args={"cxx": cxx}, **common))
+            "d2sm_ext._C", CPU_SOURCES, extra_compile_args={"cxx": cxx}, **common))
     cmdclass = {"build_ext": BuildExtension}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -4,7 +4,7 @@ Both the pytest-benchmark suite and ``python -m benchmarks.compare`` use these, 
 the same reference the tests use (``d2sm_ext.reference.d2sm_reference``), so benchmark and test
 compare against the same code.
 
-FLOP model (DESIGN §2 cost model, counted the same for every backend — "useful" FLOPs):
+FLOP model (docs/DESIGN.md §3.5 cost model, counted the same for every backend — "useful" FLOPs):
 forward 4·M²·d (the Gram matrices of x and y over all M = N + Q rows); forward+backward adds
 2·N·M·d for the gradient of the N live rows of x (y needs no gradient in these benchmarks:
 clean features are computed without grad). A backend that does more (the reference's autograd

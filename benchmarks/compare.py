@@ -47,9 +47,9 @@ CPU_CONFIGS = [
     Config("internal patches (paper)", 36, 4096, b=64),
     Config("pooled patches", 1024, 4096, note="M scaled 2304→1024 for CPU"),
     Config("queue", 64, 1280, q=4032),
-    Config("issue-7 target", 4096, 512),
-    Config("issue-7", 1024, 4096),
-    Config("issue-7", 16384, 256, compiled_baseline=False),
+    Config("square mid-size", 4096, 512),
+    Config("wide features", 1024, 4096),
+    Config("many rows", 16384, 256, compiled_baseline=False),
 ]
 SWEEP_M = {"cuda": [1024, 4096, 16384, 65536, 131072], "cpu": [256, 1024, 4096, 8192]}
 SWEEP_D = 1280

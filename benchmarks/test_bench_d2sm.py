@@ -12,7 +12,7 @@ from benchmarks.common import Config, float32_precision, make_inputs, runner, st
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CONFIGS = {
-    "cpu": [Config("queue", 64, 1280, q=1984), Config("issue-7 target", 4096, 512)],
+    "cpu": [Config("queue", 64, 1280, q=1984), Config("square mid-size", 4096, 512)],
     "cuda": [Config("queue", 64, 1280, q=4032), Config("target", 4096, 4096, tf32=True),
              Config("target", 4096, 4096, dtype=torch.bfloat16)],
 }[DEVICE]

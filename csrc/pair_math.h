@@ -1,9 +1,10 @@
-// The per-pair and per-row arithmetic of the fused D2SM pass (DESIGN §2), written once and
-// compiled twice: into the CPU loops of d2sm.cpp (vectorised by the compiler) and into the CUDA
-// kernels of d2sm_cuda.cu. Only the iteration and the reductions differ between the two, so the
-// CPU tests (parity with the reference, gradcheck) exercise every formula the GPU runs.
+// The per-pair and per-row arithmetic of the fused D2SM pass (docs/DESIGN.md §3), written once
+// and compiled twice: into the CPU loops of csrc/cpu/kernels.cpp (vectorised by the compiler)
+// and into the CUDA kernels of csrc/cuda/kernels.cu. Only the iteration and the reductions differ
+// between the two, so the CPU tests (parity with the reference, gradcheck) exercise every
+// formula the GPU runs.
 //
-// Notation (d2sm.cpp's header comment has the scheme): for row i and column j of a panel,
+// Notation (csrc/driver.cpp's header comment has the scheme): for row i and column j of a panel,
 // gram_x = x_i·x_j and gram_y = y_i·y_j are raw (unnormalised) inner products; r = 1/‖row‖
 // (0 for a zero row); K'_ij = max(½ + ½ r_i r_j gram_x, 0) + eps, K likewise from y;
 // p = K'/A_i, q = K/B_i; log(p/q) = log(K'/K) + log(B_i/A_i) (well conditioned: both terms are
@@ -47,7 +48,7 @@ struct RowSums {
   T f, pu, qv;
 };
 
-// u_ij = ∂f_i/∂p_ij and v_ij = ∂f_i/∂q_ij for row i's divergence f_i (see triton_backend.py).
+// u_ij = ∂f_i/∂p_ij and v_ij = ∂f_i/∂q_ij for row i's divergence f_i (docs/DESIGN.md §3.3).
 template <int DIV, typename T, typename Log>
 D2SM_INLINE void pair_weights(T p, T q, T lpq, Log log_fn, T& u, T& v) {
   const T half = T(0.5), two = T(2);

@@ -4,34 +4,34 @@ Both run the same ops (``d2sm_ext::fused_forward`` / ``fused_backward``); the di
 the CPU or the CUDA kernel from the tensors' device. The CUDA kernels exist when the extension
 was built where a CUDA toolkit was found (setup.py); ``CUDA_ERROR`` says why they are missing.
 
-If the extension is missing (not built, D2SM_SKIP_EXTENSION at install) or fails to load (built
-against another torch), importing d2sm_ext still works: ``LOAD_ERROR`` says why, both backends
+If the extension is missing (not built: D2SM_BUILD_EXTENSION=0 at install), disabled
+(D2SM_LOAD_EXTENSION=0) or fails to load (built against another torch), importing d2sm_ext still works: ``LOAD_ERROR`` says why, both backends
 are reported unavailable, and "auto" uses Triton on GPU and the reference on CPU.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-from . import op_glue
+from . import env, op_glue
 
 LOAD_ERROR: Optional[str] = None
 CUDA_ERROR: Optional[str] = None
-try:
-    if os.environ.get("D2SM_NO_EXTENSION", "0") == "1":
-        raise ImportError("disabled by D2SM_NO_EXTENSION=1")
-    from . import _C  # noqa: F401  (loading registers the TORCH_LIBRARY ops)
-except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
-    LOAD_ERROR = f"the C++ extension d2sm_ext._C could not be loaded ({type(exc).__name__}: {exc}); " \
-                 f"rebuild with `pip install --no-build-isolation -e .`"
-    CUDA_ERROR = LOAD_ERROR
+if not env.load_extension():  # a bad value raises here, naming the variable
+    LOAD_ERROR = CUDA_ERROR = "disabled by D2SM_LOAD_EXTENSION=0"
 else:
-    op_glue.register("d2sm_ext::fused_forward", "d2sm_ext::fused_backward")
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("d2sm_ext::fused_forward", "CUDA"):
-        CUDA_ERROR = "d2sm_ext._C was built without CUDA kernels (no CUDA toolkit found at build time, or " \
-                     "D2SM_SKIP_CUDA=1); rebuild where nvcc or CUDA_HOME points to a toolkit"
+    try:
+        from . import _C  # noqa: F401  (loading registers the TORCH_LIBRARY ops)
+    except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
+        LOAD_ERROR = f"the C++ extension d2sm_ext._C could not be loaded ({type(exc).__name__}: {exc}); " \
+                     f"rebuild with `pip install --no-build-isolation -e .`"
+        CUDA_ERROR = LOAD_ERROR
+    else:
+        op_glue.register("d2sm_ext::fused_forward", "d2sm_ext::fused_backward")
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("d2sm_ext::fused_forward", "CUDA"):
+            CUDA_ERROR = "d2sm_ext._C was built without CUDA kernels (no CUDA toolkit found at build time, or " \
+                         "D2SM_BUILD_CUDA=0); rebuild where nvcc or CUDA_HOME points to a toolkit"
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 

@@ -1,6 +1,6 @@
 """Public functional API: ``d2sm_divergence`` validates its inputs once and dispatches to a backend.
 
-The math (DESIGN §2): with x̂ = x/‖x‖ (zero rows stay zero), K'_ij = max((1 + x̂_i·x̂_j)/2, 0) + eps,
+The math (docs/DESIGN.md §2): with x̂ = x/‖x‖ (zero rows stay zero), K'_ij = max((1 + x̂_i·x̂_j)/2, 0) + eps,
 K likewise from y, neighbour distributions P'_ij = K'_ij / Σ_{j∈S_i} K'_ij and P_ij from K, where
 S_i = all j ≠ i (``exclude_self=True``, the paper) or all j. Per row i:
 

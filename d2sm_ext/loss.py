@@ -3,7 +3,7 @@
     crit = D2SMLoss()                              # EfficientNet-Lite0, internal patches, kl
     loss = l1(restored, clean) + crit(restored, clean)
 
-Sampling (DESIGN §3):
+Sampling (docs/DESIGN.md §5):
 
 * ``"internal"`` (paper §3.3, default): each image's K×K patches form its own sample set; the B
   images are B independent problems. No queue.

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the D2SM divergence (DESIGN §2): the ground truth every backend is
+"""Pure-PyTorch reference of the D2SM divergence (docs/DESIGN.md §2): the ground truth every backend is
 tested against.
 
 It materialises the M×M kernel matrices on purpose: it is written to be obviously the formula,

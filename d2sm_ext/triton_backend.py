@@ -1,35 +1,28 @@
 """Fused Triton backend: Gram tiles with a fused epilogue give the per-row divergences and, for
 "mean"/"sum", the gradient weights in the same pass; never an M×M matrix in memory.
 
-Scheme (DESIGN §2 facts 1–5):
+Scheme (docs/DESIGN.md §3):
 
-1. O(M·d) pre-pass: inverse norms r_i, s = Σ_j x̂_j, and the closed-form normalisers
-   A_i = |S_i|(½ + ε) + ½(x̂_i·s − [exclude_self]·‖x̂_i‖²) (B_i likewise from y).
+1. O(M·d) pre-pass: inverse norms r_i, s = Σ_j x̂_j, and the closed-form normalisers A_i, B_i
+   (§3.1).
 2. Pairwise pass over panels of R rows (``triton_kernels.pair_panel_kernel``): a program owns BM
    rows of the panel and a range of BN-column tiles (the column "split" gives the grid enough
    programs for small M); per tile it forms both Gram tiles (x and y) over d in BK-chunks with
-   tensor-core dots, the kernel values, and accumulates per row F_i = Σ_j f(p_ij, q_ij),
-   ū_i = Σ_j p_ij u_ij, v̄_i = Σ_j q_ij v_ij (partial per split, summed in a fixed order after).
-   For live rows that need a gradient it writes W'_ij = (α_i u_ij + α_j u_ji)·r_j (α = w/A,
-   u = ∂f/∂p; likewise for y) into an R×M fp32 panel, and ``panel_grad_kernel`` (a GEMM over
-   the M sample rows, live and memory tensors read in place) gives the pairwise gradient sums of
-   the panel's rows. w (the upstream weight of each row) is known before the pass for
-   "mean"/"sum" (a constant; the backward only scales by grad_output, as in Liger-Kernel); for
-   "none" it is grad_output itself, so the pass runs again in the backward with COMPUTE_STATS off.
-3. O(M·d) finish: ∂L/∂x̂_k = ½ G_k − ½ α_k ū_k (s − [excl]x̂_k) − ½ (t − [excl] α_k ū_k x̂_k) with
-   t = Σ_j α_j ū_j x̂_j, then through the normalisation: ∂L/∂x_k = r_k (g_k − x̂_k (x̂_k·g_k)).
+   tensor-core dots, the kernel values, and accumulates per row F_i, ū_i, v̄_i (§3.2; partial per
+   split, summed in a fixed order after). For live rows that need a gradient it writes
+   W'_ij = (α_i u_ij + α_j u_ji)·r_j (§3.3) into an R×M fp32 panel, and ``panel_grad_kernel``
+   (a GEMM over the M sample rows, live and memory tensors read in place) gives the pairwise
+   gradient sums of the panel's rows. For "mean"/"sum" the row weights w are known before the
+   pass, so the gradient is formed in the forward and the backward only scales it (as in
+   Liger-Kernel); for "none" w is grad_output and the pass runs again in the backward without
+   statistics.
+3. O(M·d) finish: ∂L/∂x̂_k from G_k, s and t = Σ_j α_j ū_j x̂_j, then through the normalisation
+   (§3.3).
 
-Derivation of step 2's weights: with p_ij = a_ij/A_i, the total derivative of a row function
-F(p_i·) through both a_ij and A_i = Σ_j a_ij is ∂F/∂a_ij = (u_ij − ū_i)/A_i, u = ∂F/∂p. Since
-a_ij = a_ji depends on x̂_i and x̂_j, ∂L/∂x̂_k = ½ Σ_{j∈S_k} (E_kj + E_jk) x̂_j with E_ij = w_i ∂F_i/∂a_ij;
-the ū parts factor into step 3's O(M·d) terms.
-
-Why panels and not one streamed pass: the first version streamed all columns per row block and
-accumulated the BM×d gradient rows in place (a read-modify-write of N×d fp32 per column block,
-and only M/BM programs). On an H100 it ran 5–10× slower than the eager reference
-(benchmarks/results/2026-11-26-h100-run1). The panel keeps both products GEMM-shaped with the
-whole grid busy, at the price of an R×M fp32 scratch panel bounded by D2SM_PANEL_MB (default
-512 MiB; R adapts to M, so memory stays O(M) for a fixed budget).
+Why panels: both products stay GEMM-shaped with the whole grid busy, at the price of an R×M
+fp32 scratch panel bounded by D2SM_PANEL_MB (default 512 MiB; R adapts to M, so memory stays
+O(M) for a fixed budget). A single streamed pass that accumulated the gradient rows in place
+was measured much slower (BENCHMARKS.md).
 
 Cost per call (M = N + Q rows, N live, d features; FLOPs of the matmul-shaped work):
 statistics 4·M²·d (two Gram matrices; the symmetric half is not reused — a tile (I, J) would
@@ -59,7 +52,7 @@ from typing import Optional
 
 import torch
 
-from . import op_glue
+from . import env, op_glue
 from . import triton_kernels as K
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -70,18 +63,9 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _tiles_from_env(name: str) -> Optional[dict]:
-    """Tile override "BM,BN,BK,num_warps,num_stages" from environment variable ``name`` (tuning)."""
-    env = os.environ.get(name)
-    if not env:
-        return None
-    bm, bn, bk, warps, stages = (int(v) for v in env.split(","))
-    return dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
-
-
 def _config(device: torch.device) -> dict:
     """Tiles of the Gram+epilogue kernel (D2SM_TRITON_CONFIG overrides)."""
-    override = _tiles_from_env("D2SM_TRITON_CONFIG")
+    override = env.tiles("D2SM_TRITON_CONFIG")
     if override:
         return override
     if device.type == "cpu":  # interpreter: fewer, larger numpy ops are faster
@@ -91,7 +75,7 @@ def _config(device: torch.device) -> dict:
 
 def _grad_config(device: torch.device) -> dict:
     """Tiles of the panel GEMM (D2SM_TRITON_GRAD_CONFIG overrides)."""
-    override = _tiles_from_env("D2SM_TRITON_GRAD_CONFIG")
+    override = env.tiles("D2SM_TRITON_GRAD_CONFIG")
     if override:
         return override
     if device.type == "cpu":
@@ -154,7 +138,7 @@ def _row_dots(segs, vec: torch.Tensor, bsz: int, m: int) -> torch.Tensor:
 
 
 def _normalisers(segs, inv_norm: torch.Tensor, exclude_self: bool, eps: float):
-    """Closed-form A_i (DESIGN §2 fact 1) and s = Σ_j x̂_j."""
+    """Closed-form A_i (docs/DESIGN.md §3.1) and s = Σ_j x̂_j."""
     bsz, m = inv_norm.shape
     d = segs[0][0].shape[2]
     s = _colsum(segs, inv_norm, d)
@@ -176,10 +160,10 @@ def _precision(dtype: torch.dtype, tf32: bool) -> str:
 
 def _panel_rows(bsz: int, m: int, n_panels: int, bm: int, rows: int) -> int:
     """Rows per gradient panel: the (B, R, M) fp32 W' panels fit D2SM_PANEL_MB (default 512)."""
-    forced = os.environ.get("D2SM_PANEL_ROWS")
-    if forced:
-        return max(1, int(forced))
-    budget = float(os.environ.get("D2SM_PANEL_MB", "512")) * 2 ** 20
+    forced = env.integer("D2SM_PANEL_ROWS", 1)
+    if forced is not None:
+        return forced
+    budget = (env.positive_number("D2SM_PANEL_MB") or 512.0) * 2 ** 20
     r = int(budget // (bsz * m * 4 * max(n_panels, 1)))
     r = max(bm, (r // bm) * bm)
     return min(r, rows)
@@ -223,6 +207,8 @@ def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
     if compute_stats and q:
         segments.append((xm, ym, n, q, False))
     for seg_x, seg_y, offset, rows, live in segments:
+        if rows == 0:  # no live rows (only memory rows): nothing to launch for this segment
+            continue
         grads = live and n_panels > 0
         panel = _panel_rows(bsz, m, n_panels, bm, rows) if grads else rows
         wx = torch.empty(bsz, panel, m, dtype=torch.float32, device=x.device) if grads and gx is not None else None
@@ -329,7 +315,7 @@ def _grads(x, y, xm, ym, div, exclude_self, eps, tf32, weights, need_gx, need_gy
 # ----------------------------------------------------------------------------------------------
 def _nonfinite_problems(x, y, xm, ym) -> torch.Tensor:
     """(B,) flags: a non-finite value in any row of the problem (live or memory, x or y). Their
-    values and gradients are NaN (DESIGN §2.6); the kernels' selects would hide some NaNs."""
+    values and gradients are NaN (docs/DESIGN.md §2.6); the kernels' selects would hide some NaNs."""
     bad = ~(torch.isfinite(x).flatten(1).all(1) & torch.isfinite(y).flatten(1).all(1))
     if xm is not None:
         bad = bad | ~(torch.isfinite(xm).flatten(1).all(1) & torch.isfinite(ym).flatten(1).all(1))
@@ -366,7 +352,7 @@ def triton_d2sm(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[torch.Tenso
     stats, gx, gy = _grads(x3, y3, xm3, ym3, divergence, exclude_self, eps, tf32, weights,
                            need_gx and fused, need_gy and fused, True, row_stats)
     bad = _nonfinite_problems(x3, y3, xm3, ym3)
-    # Divergences are >= 0: a rounding of an exactly-zero one below 0 is returned as 0 (DESIGN §2.5).
+    # Divergences are >= 0: a rounding of an exactly-zero one below 0 is returned as 0 (docs/DESIGN.md §2.5).
     rows = _nan_where(bad, stats[0].clamp_min(0.0))
     gx, gy = _nan_where(bad, gx), _nan_where(bad, gy)
     if reduction == "mean":

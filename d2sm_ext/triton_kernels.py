@@ -1,6 +1,6 @@
 """Triton kernels of the fused D2SM backend (launched by ``d2sm_ext.triton_backend``).
 
-Notation (DESIGN §2): rows i, columns j of the sample set (M = N live + Q memory rows),
+Notation (docs/DESIGN.md §2): rows i, columns j of the sample set (M = N live + Q memory rows),
 r_i = 1/‖x_i‖ (0 for a zero row), a_ij = K'_ij = max((1 + r_i r_j x_i·x_j)/2, 0) + eps and
 b_ij = K_ij likewise from y, p_ij = a_ij/A_i, q_ij = b_ij/B_i with the closed-form normalisers
 A_i, B_i computed before the pairwise pass.

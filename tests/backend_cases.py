@@ -1,6 +1,6 @@
 """Shared parity machinery for fused backends: shapes, tolerances, and the comparison itself.
 
-Tolerances (explicit per dtype; see DESIGN §2 and the flash-attention rule for low precision):
+Tolerances (explicit per dtype; see docs/DESIGN.md §2 and the flash-attention rule for low precision):
 * float32: ``max|out - ref| <= RTOL_F32 · max|ref| + ATOL_F32`` against the float64 reference.
   fp32 rounding (6e-8) amplified by the cancellation in Σ p·log(p/q) and in u − ū stays below
   1e-5 relative in practice; 1e-4 leaves a decade of margin and still catches any wrong term.
@@ -188,15 +188,16 @@ def check_opcheck(forward_op, backward_op, device):
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def check_compile_fullgraph(backend, device, divergence):
-    """torch.compile(fullgraph=True) of a small model calling the loss: no graph break, same
-    value and parameter gradient as eager."""
+def check_compile_fullgraph(backend, device, divergence, autocast_dtype=None):
+    """torch.compile(fullgraph=True) of a small model calling the loss (under autocast when
+    ``autocast_dtype`` is given): no graph break, same value and parameter gradient as eager."""
     torch.manual_seed(0)
     net = torch.nn.Linear(8, 16).to(device)
     xin, yfeat = torch.randn(12, 8, device=device), torch.randn(12, 16, device=device)
 
     def step(inp):
-        return d2sm_ext.d2sm_divergence(net(inp), yfeat, divergence=divergence, backend=backend)
+        with torch.autocast(device, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            return d2sm_ext.d2sm_divergence(net(inp), yfeat, divergence=divergence, backend=backend)
 
     eager = step(xin)
     eager.backward()
@@ -204,21 +205,9 @@ def check_compile_fullgraph(backend, device, divergence):
     net.zero_grad()
     out = torch.compile(step, fullgraph=True, backend="aot_eager")(xin)
     out.backward()
+    assert out.dtype == eager.dtype == torch.float32
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(net.weight.grad, g_eager)
-
-
-def backends_on(device_type, dtype=torch.float32):
-    """Names of the backends that can run ``dtype`` tensors on ``device_type`` here."""
-    from d2sm_ext.backends import resolve_backend
-    names = []
-    for name in d2sm_ext.available_backends():
-        try:
-            resolve_backend(name, device_type, dtype)
-        except ValueError:
-            continue
-        names.append(name)
-    return names
 
 
 def low_precision_bound(truth, plain):

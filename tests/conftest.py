@@ -1,5 +1,4 @@
 import os
-import sys
 
 import pytest
 import torch
@@ -8,8 +7,6 @@ import torch
 # Triton). On a GPU machine the real kernels run and the CUDA variants of the tests are used.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-sys.path.insert(0, os.path.dirname(__file__))
 
 
 @pytest.fixture(autouse=True)

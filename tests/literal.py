@@ -1,4 +1,4 @@
-"""An independent, literal implementation of DESIGN §2: Python floats and explicit loops.
+"""An independent, literal implementation of docs/DESIGN.md §2: Python floats and explicit loops.
 
 Deliberately shares no code with d2sm_ext: it is what the reference is checked against.
 """

@@ -11,6 +11,7 @@ from d2sm_ext.cli import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

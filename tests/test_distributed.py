@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 
 import ddp_worker
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_empty_batch_on_one_rank(results, gather_live):
         assert all(torch.isfinite(v) for v in r[f"empty_losses_{gather_live}"])
     if gather_live:
         for step in (0, 1):
-            torch.testing.assert_close(r0[f"empty_losses_True"][step], r1[f"empty_losses_True"][step])
+            torch.testing.assert_close(r0["empty_losses_True"][step], r1["empty_losses_True"][step])
     else:
         assert r1["empty_losses_False"][0] == 0 and r1["empty_losses_False"][1] > 0
     for a, b in zip(r0[f"empty_grads_{gather_live}"], r1[f"empty_grads_{gather_live}"]):

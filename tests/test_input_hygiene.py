@@ -10,25 +10,27 @@ import torch
 from torch import nn
 
 import d2sm_ext
-from backend_cases import backends_on
+from backend_matrix import rows_params
+from loss_cases import SAMPLING_CONFIGS, tiny_extractor
 from d2sm_ext import D2SMLoss, triton_backend
 
-CPU_BACKENDS = backends_on("cpu")
+ROWS = [pytest.param(p.values[0], id=p.id) for p in rows_params(variants=False)]
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy in Triton's interpreter
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("row", ROWS)
 @pytest.mark.parametrize("where", ["x", "y", "x_memory", "y_memory"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("red", ["mean", "none"])
-def test_non_finite_values_propagate(backend, where, bad, red):
+def test_non_finite_values_propagate(row, where, bad, red):
     """One non-finite entry in problem 1 (of 2): every row of problem 1 is NaN, so is the reduced
     loss, and so are problem 1's gradients; problem 0 stays finite."""
     g = torch.Generator().manual_seed(0)
     t = {k: torch.randn(2, 10 if k in ("x", "y") else 3, 8, generator=g) for k in ("x", "y", "x_memory", "y_memory")}
     t[where][1, 2, 3] = bad
+    t = {k: v.to(row.device) for k, v in t.items()}
     x, y = t["x"].requires_grad_(True), t["y"].requires_grad_(True)
-    out = d2sm_ext.d2sm_divergence(x, y, reduction=red, backend=backend, x_memory=t["x_memory"],
+    out = d2sm_ext.d2sm_divergence(x, y, reduction=red, backend=row.backend, x_memory=t["x_memory"],
                                    y_memory=t["y_memory"])
     gx, gy = torch.autograd.grad(out.sum(), (x, y))
     if red == "mean":
@@ -39,18 +41,13 @@ def test_non_finite_values_propagate(backend, where, bad, red):
     assert torch.isnan(gx[1]).all() and torch.isnan(gy[1]).all()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("row", ROWS)
 @pytest.mark.parametrize("div", d2sm_ext.DIVERGENCES)
-def test_zero_divergences_are_not_negative(backend, div):
+def test_zero_divergences_are_not_negative(row, div):
     """Identical restored and clean features (every divergence exactly 0): no tiny negatives."""
-    x = torch.randn(3, 40, 16)
-    rows = d2sm_ext.d2sm_divergence(x, x.clone(), div, reduction="none", backend=backend)
+    x = torch.randn(3, 40, 16, device=row.device)
+    rows = d2sm_ext.d2sm_divergence(x, x.clone(), div, reduction="none", backend=row.backend)
     assert (rows >= 0).all() and rows.max() < 1e-6
-
-
-def tiny_extractor():
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(2))
 
 
 def test_nan_pixel_gives_nan_loss():
@@ -125,20 +122,11 @@ def test_construction_checks_sizes_against_the_extractor():
         crit(torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8))
 
 
-EMPTY_CASES = {
-    "internal": dict(sampling="internal", patch_size=8, stride=4),
-    "pooled": dict(sampling="pooled", patch_size=8, stride=4),
-    "pooled+queue": dict(sampling="pooled", patch_size=8, stride=4, queue_size=16),
-    "batch": dict(sampling="batch"),
-    "batch+queue": dict(sampling="batch", queue_size=6),
-}
-
-
-@pytest.mark.parametrize("mode", list(EMPTY_CASES))
+@pytest.mark.parametrize("mode", list(SAMPLING_CONFIGS))
 def test_empty_batch(mode):
     """B = 0: 0 without a queue, the queue rows' own divergence with a filled one; backward works
     with zero gradients; the queue does not change."""
-    crit = D2SMLoss(extractor=tiny_extractor(), **EMPTY_CASES[mode])
+    crit = D2SMLoss(extractor=tiny_extractor(), **SAMPLING_CONFIGS[mode])
     torch.manual_seed(3)
     net = nn.Conv2d(3, 3, 3, padding=1)
     if crit.queue is not None:

@@ -1,19 +1,9 @@
 """D2SMLoss end to end: every sampling mode trains a tiny net, gradients match finite differences."""
 import pytest
 import torch
-from torch import nn
 
 from d2sm_ext import D2SMLoss
-
-
-def tiny_extractor():
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(2))
-
-
-def tiny_denoiser():
-    torch.manual_seed(2)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1))
+from loss_cases import tiny_denoiser, tiny_extractor
 
 
 CONFIGS = {

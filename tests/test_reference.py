@@ -118,7 +118,7 @@ def test_identical_inputs_give_zero_divergence():
 
 
 def test_closed_form_normaliser_fact():
-    """DESIGN §2 fact 1: A_i = |S_i|(1/2 + eps) + 1/2 (x̂_i·s − ‖x̂_i‖²), s = Σ_j x̂_j."""
+    """docs/DESIGN.md §3.1: A_i = |S_i|(1/2 + eps) + 1/2 (x̂_i·s − ‖x̂_i‖²), s = Σ_j x̂_j."""
     x = torch.randn(12, 7, dtype=torch.float64)
     eps = 1e-3
     xn = torch.nn.functional.normalize(x, dim=1)

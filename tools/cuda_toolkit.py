@@ -1,15 +1,35 @@
-"""Where the CUDA toolkit is, for the build (setup.py) and the tests (CMake hints, the check that
-CI compiled the CUDA kernels). Standalone on purpose: setup.py runs it before torch is imported.
+"""Build-time helpers for setup.py and the tests: where the CUDA toolkit is (CMake hints, the
+check that CI compiled the CUDA kernels) and the D2SM_BUILD_* switches. Standalone on purpose:
+setup.py runs it before torch is imported.
 
-On these machines (DESIGN §5) the `nvcc` on PATH is a wrapper script that execs the toolkit's own
-nvcc, so the toolkit is the wrapped one, not the wrapper's prefix; and its libraries are in lib/.
+The `nvcc` on PATH may be a wrapper script that execs a toolkit's own nvcc: the toolkit is then
+the wrapped one, not the wrapper's prefix, and its libraries may be in lib/ rather than lib64/
+(docs/DESIGN.md §8).
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import warnings
 from typing import Optional
+
+
+def build_flag(name: str, deprecated: str) -> bool:
+    """A D2SM_BUILD_* switch: "1" (default) or "0". Its deprecated D2SM_SKIP_* spelling means the
+    opposite and still works, with a warning. Any other value stops the build with a message."""
+    value = os.environ.get(name, "")
+    old = os.environ.get(deprecated, "")
+    if value not in ("", "0", "1"):
+        raise SystemExit(f"{name} must be 0 or 1, got {value!r}")
+    if old:
+        if old not in ("0", "1"):
+            raise SystemExit(f"{deprecated} must be 0 or 1, got {old!r}")
+        warnings.warn(f"{deprecated}={old} is deprecated: use {name}={1 - int(old)}", DeprecationWarning,
+                      stacklevel=2)
+        if not value:
+            return old != "1"
+    return value != "0"
 
 
 def find_cuda_home() -> Optional[str]:
@@ -56,8 +76,8 @@ def cuda_build_blocker(torch_cuda: Optional[str]) -> Optional[str]:
     """Why the CUDA kernels will not be built here (None: they will). ``torch_cuda`` is
     ``torch.version.cuda``. torch.utils.cpp_extension refuses a toolkit whose major version differs
     from torch's; the build then falls back to the CPU kernels instead of failing."""
-    if os.environ.get("D2SM_SKIP_CUDA", "0") == "1":
-        return "D2SM_SKIP_CUDA=1"
+    if not build_flag("D2SM_BUILD_CUDA", "D2SM_SKIP_CUDA"):
+        return "D2SM_BUILD_CUDA=0"
     cuda_home = find_cuda_home()
     if cuda_home is None:
         return "no CUDA toolkit found (no nvcc on PATH, CUDA_HOME unset)"

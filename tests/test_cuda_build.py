@@ -1,20 +1,15 @@
 """The extension's "cuda" backend where no GPU is needed (CI included): the CUDA kernels must have
 been compiled wherever setup.py's rule says a toolkit can build them, and the backend's
-registration, errors and precision switch are checked. Running the kernels is
-tests/test_cuda_gpu.py (on a GPU only)."""
-import os
-import sys
-
+registration, errors and precision switch are checked. Running the kernels: the CUDA rows of the
+backend matrix and tests/test_cuda_on_gpu.py (on a GPU only)."""
 import pytest
 import torch
 
 import d2sm_ext
 from d2sm_ext import cpp_backend, op_glue
+from cuda_toolkit import cuda_build_blocker
 from d2sm_ext.backends import resolve_backend
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-from cuda_toolkit import cuda_build_blocker  # noqa: E402
 
 
 def test_cuda_kernels_compiled_where_a_toolkit_can_build_them():

@@ -1,5 +1,7 @@
-// CUDA kernels of the fused D2SM pass: the panel epilogue and the gradient finish (d2sm.h has the
-// contracts; d2sm.cpp drives them between cuBLAS GEMMs issued through ATen on the current stream).
+// CUDA kernels of the fused D2SM pass: the panel epilogue and the gradient finish, registered as
+// the CUDA entries of the driver's DeviceKernels table (csrc/driver.h has the contracts;
+// csrc/driver.cpp drives them between cuBLAS GEMMs issued through ATen on the current stream),
+// together with the CUDA dispatch key of the ops. docs/DESIGN.md §3 has the math.
 //
 // The Gram and W'·X products are cuBLAS GEMMs (shared-memory tiled, tensor cores for fp16/bf16
 // and for fp32 when TF32 is allowed, fp32 accumulation); the kernels here are the O(R·M) epilogue
@@ -17,7 +19,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 
-#include "d2sm.h"
+#include <torch/library.h>
+
+#include "../driver.h"
 
 namespace d2sm_ext {
 namespace {
@@ -104,8 +108,6 @@ void check_cuda_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name, " must be float32 or float64");
 }
 
-}  // namespace
-
 void panel_epilogue_cuda(int div, const at::Tensor& px, const at::Tensor& py, int64_t b0, int64_t row0,
                          const at::Tensor& rx, const at::Tensor& ry, const at::Tensor& cols, bool exclude_self,
                          double eps, bool grad_x, bool grad_y, const at::Tensor& stats) {
@@ -143,6 +145,17 @@ void finish_rows_cuda(const at::Tensor& pairwise, const at::Tensor& live, const 
         s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), N, D, M, exclude_self);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+}  // namespace
+
+const bool cuda_kernels_registered =
+    register_device_kernels(c10::DeviceType::CUDA, DeviceKernels{panel_epilogue_cuda, finish_rows_cuda});
+
+// The driver is device-generic: the same functions serve every device's dispatch key.
+TORCH_LIBRARY_IMPL(d2sm_ext, CUDA, m) {
+  m.impl("fused_forward", &fused_forward);
+  m.impl("fused_backward", &fused_backward);
 }
 
 }  // namespace d2sm_ext

@@ -1,0 +1,383 @@
+// The device-generic fused pass behind the ops d2sm_ext::fused_forward / fused_backward
+// (docs/DESIGN.md §3). Every step is ATen (BLAS on CPU, cuBLAS on CUDA, on the current stream)
+// except the two per-element steps that each device provides in its DeviceKernels table
+// (driver.h): the panel epilogue and the gradient finish; a device may also bring its own
+// pairwise pass (the CPU's symmetric blocks, csrc/cpu/kernels.cpp).
+//
+//   1. O(M·d): inverse norms r, s = Σ_j x̂_j, closed-form normalisers A_i, B_i (§3.1).
+//   2. The pairwise pass. Panel pass (here): panels of R rows against all M columns; two raw
+//      Gram panels (at::bmm on the raw rows; r_i r_j is applied in the epilogue, so no normalised
+//      copy and no copy of the memory rows), then the device's epilogue accumulates the row sums
+//      F, ū, v̄ and, for live rows that need a gradient, overwrites the panel with
+//      W'_ij = (α_i u_ij + α_j u_ji)·r_j; a third product W'·X gives the pairwise gradient sums.
+//   3. O(M·d): the remaining gradient terms and the normalisation backward (§3.3).
+//
+// Memory: O(M) statistics, the R×M panels (R from a budget: 64 MiB on CPU, 256 MiB on CUDA;
+// D2SM_PANEL_MB), with fp16/bf16 inputs on CUDA an fp32 copy of the rows for the O(M·d) steps,
+// and the O(N·d) gradients. Precision (§4): GEMMs in the input dtype (fp64; fp32, TF32 on CUDA
+// only when the op's `tf32` flag says so; fp16/bf16 with fp32 output on CUDA; half inputs on CPU
+// in fp32), everything else in the compute dtype. Deterministic for a given thread count.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "driver.h"
+#include "env.h"
+
+namespace d2sm_ext {
+
+static std::map<c10::DeviceType, DeviceKernels>& kernel_tables() {
+  static std::map<c10::DeviceType, DeviceKernels> tables;  // constructed on first use: any TU may register
+  return tables;
+}
+
+bool register_device_kernels(c10::DeviceType device, DeviceKernels kernels) {
+  TORCH_CHECK(kernels.panel_epilogue && kernels.finish_rows, "a device table needs an epilogue and a finish");
+  kernel_tables()[device] = kernels;
+  return true;
+}
+
+const DeviceKernels& device_kernels(c10::DeviceType device) {
+  const auto it = kernel_tables().find(device);
+  TORCH_CHECK(it != kernel_tables().end(), "d2sm_ext: no kernels for device type ", c10::DeviceTypeName(device),
+              " in this build");
+  return it->second;
+}
+
+static int divergence_code(const std::string& name) {
+  if (name == "kl") return KL;
+  if (name == "reverse_kl") return REVERSE_KL;
+  if (name == "symmetric_kl") return SYMMETRIC_KL;
+  if (name == "js") return JS;
+  TORCH_CHECK(false, "divergence must be kl, reverse_kl, symmetric_kl or js, got ", name);
+}
+
+static Tensor as3d(const Tensor& t, at::ScalarType dtype) {
+  Tensor u = t.dim() == 2 ? t.unsqueeze(0) : t;
+  return u.to(dtype).contiguous();
+}
+
+static Problem prepare(const Tensor& x, const Tensor& y, const std::optional<Tensor>& xm,
+                       const std::optional<Tensor>& ym) {
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "x must be (M, d) or (B, M, d), got ", x.sizes());
+  TORCH_CHECK(x.sizes() == y.sizes(), "x and y must have the same shape, got ", x.sizes(), " and ", y.sizes());
+  TORCH_CHECK(x.is_floating_point() && x.scalar_type() == y.scalar_type(), "x and y: same floating dtype");
+  TORCH_CHECK(x.device() == y.device(), "x and y must be on the same device");
+  TORCH_CHECK(xm.has_value() == ym.has_value(), "x_memory and y_memory must be given together");
+  Problem p;
+  const at::ScalarType in = x.scalar_type();
+  p.dtype = in == at::kDouble ? at::kDouble : at::kFloat;
+  const bool half_mm = x.is_cuda() && (in == at::kHalf || in == at::kBFloat16);
+  p.mm_dtype = half_mm ? in : p.dtype;
+  auto load = [&](const Tensor& t, Tensor& compute, Tensor& mm) {
+    mm = as3d(t, p.mm_dtype);
+    compute = half_mm ? mm.to(p.dtype) : mm;
+  };
+  load(x, p.x, p.x_mm);
+  load(y, p.y, p.y_mm);
+  p.B = p.x.size(0);
+  p.N = p.x.size(1);
+  p.D = p.x.size(2);
+  p.Q = 0;
+  if (xm.has_value() && xm->numel() > 0) {
+    TORCH_CHECK(xm->device() == x.device() && ym->device() == x.device(), "memory rows must be on x's device");
+    load(*xm, p.xm, p.xm_mm);
+    load(*ym, p.ym, p.ym_mm);
+    TORCH_CHECK(p.xm.size(0) == p.B && p.xm.size(2) == p.D && p.xm.sizes() == p.ym.sizes(),
+                "memory rows must be (Q, d) or (B, Q, d) matching x");
+    p.Q = p.xm.size(1);
+  }
+  p.M = p.N + p.Q;
+  return p;
+}
+
+Tensor segment(const Problem& p, bool is_y, bool memory) {
+  if (memory) return is_y ? p.ym : p.xm;
+  return is_y ? p.y : p.x;
+}
+
+// The same rows as GEMM operands.
+static Tensor mm_segment(const Problem& p, bool is_y, bool memory) {
+  if (memory) return is_y ? p.ym_mm : p.xm_mm;
+  return is_y ? p.y_mm : p.x_mm;
+}
+
+static Tensor inv_norms(const Problem& p, bool is_y) {
+  auto one = [](const Tensor& t) {
+    Tensor n = at::linalg_vector_norm(t, 2, {-1});
+    return at::where(n > 0, 1.0 / at::where(n > 0, n, at::ones_like(n)), at::zeros_like(n));
+  };
+  Tensor r = one(segment(p, is_y, false));
+  if (p.Q) r = at::cat({r, one(segment(p, is_y, true))}, 1);
+  return r.contiguous();
+}
+
+// Σ_j weights[b, j] · row_j over both segments: (B, d).
+static Tensor weighted_rows(const Problem& p, bool is_y, const Tensor& weights) {
+  Tensor out = at::bmm(weights.narrow(1, 0, p.N).unsqueeze(1), segment(p, is_y, false)).squeeze(1);
+  if (p.Q) out = out + at::bmm(weights.narrow(1, p.N, p.Q).unsqueeze(1), segment(p, is_y, true)).squeeze(1);
+  return out;
+}
+
+// Closed-form A_i (docs/DESIGN.md §3.1); eps is added last so that it is not rounded away.
+static Tensor normalisers(const Problem& p, bool is_y, const Tensor& r, const Tensor& s, bool exclude_self, double eps) {
+  Tensor dots = at::bmm(segment(p, is_y, false), s.unsqueeze(2)).squeeze(2);
+  if (p.Q) dots = at::cat({dots, at::bmm(segment(p, is_y, true), s.unsqueeze(2)).squeeze(2)}, 1);
+  const double n_neigh = exclude_self ? double(p.M - 1) : double(p.M);
+  Tensor half_sum = 0.5 * n_neigh + 0.5 * dots * r;
+  if (exclude_self) half_sum = half_sum - 0.5 * (r > 0).to(half_sum.scalar_type());
+  return (half_sum.clamp_min(0.0) + n_neigh * eps).contiguous();
+}
+
+static RowStats row_statistics(const Problem& p, bool exclude_self, double eps) {
+  RowStats st;
+  st.rx = inv_norms(p, false);
+  st.ry = inv_norms(p, true);
+  st.s_x = weighted_rows(p, false, st.rx);
+  st.s_y = weighted_rows(p, true, st.ry);
+  st.a = normalisers(p, false, st.rx, st.s_x, exclude_self, eps);
+  st.b = normalisers(p, true, st.ry, st.s_y, exclude_self, eps);
+  return st;
+}
+
+// C = A·Bᵀ-style products of GEMM operands into fp32/fp64 `out` (a strided view is fine: BLAS
+// and cuBLAS write it with ldc = M). Half operands (CUDA only) produce fp32 directly.
+static void mm_into(Tensor out, const Tensor& a, const Tensor& b, const Problem& p) {
+  if (p.mm_dtype != p.dtype) at::bmm_out(out, a, b, p.dtype);
+  else at::bmm_out(out, a, b);
+}
+
+// Raw Gram panel (bc, nr, M) of `rows` (bc, nr, d) against both segments of problems b0…b0+bc.
+static void gram_panel(const Problem& p, bool is_y, int64_t b0, int64_t bc, const Tensor& rows, const Tensor& out) {
+  mm_into(out.narrow(2, 0, p.N), rows, mm_segment(p, is_y, false).narrow(0, b0, bc).transpose(1, 2), p);
+  if (p.Q) mm_into(out.narrow(2, p.N, p.Q), rows, mm_segment(p, is_y, true).narrow(0, b0, bc).transpose(1, 2), p);
+}
+
+// Powers of two (bc, nr) that bring each row's largest |W'| into [2^13, 2^14) (1 for a zero or
+// non-finite row): far below fp16's maximum, and exact to multiply and divide by in fp32.
+// The Triton backend's pow2_row_scale is the same rule.
+static Tensor pow2_row_scale(const Tensor& w_panel) {
+  const Tensor peak = w_panel.abs().amax({2});
+  const Tensor exponent = std::get<1>(at::frexp(peak));  // peak = m·2^e, m in [0.5, 1)
+  const Tensor shift = (14 - exponent).clamp(-126, 126);
+  const Tensor scale = at::ldexp(at::ones_like(peak), shift);
+  return at::where((peak > 0).logical_and(at::isfinite(peak)), scale, at::ones_like(scale));
+}
+
+// g_rows = W'·X over both segments. For half inputs (CUDA) W' is rounded to the operand dtype;
+// for fp16 each row is first scaled by a power of two (pow2_row_scale) and the product unscaled
+// exactly, so the small gradient weights (~1/(B·M²) for "mean") never flush to zero.
+static void grad_panel(const Problem& p, bool is_y, int64_t b0, int64_t bc, const Tensor& w_panel, Tensor g_rows) {
+  const bool scaled = p.mm_dtype == at::kHalf;
+  const Tensor scale = scaled ? pow2_row_scale(w_panel).unsqueeze(2) : Tensor();
+  const Tensor w = (scaled ? w_panel * scale : w_panel).to(p.mm_dtype);
+  mm_into(g_rows, w.narrow(2, 0, p.N), mm_segment(p, is_y, false).narrow(0, b0, bc), p);
+  if (p.Q) {
+    Tensor tail = at::empty_like(g_rows);
+    mm_into(tail, w.narrow(2, p.N, p.Q), mm_segment(p, is_y, true).narrow(0, b0, bc), p);
+    g_rows.add_(tail);
+  }
+  if (scaled) g_rows.div_(scale);
+}
+
+// Panel rows: the two (rows × M) panels stay within a budget (64 MiB on CPU, where they should
+// stay in cache-friendly sizes; 256 MiB on CUDA, where larger GEMMs fill the device); small
+// problems are batched so that a panel holds several whole problems (one bmm per chunk).
+// D2SM_PANEL_MB sets the budget and D2SM_PANEL_ROWS forces the row count (docs/DESIGN.md §7;
+// the tests use it to run several panels at small M).
+std::optional<int64_t> forced_panel_rows() { return env::integer("D2SM_PANEL_ROWS", 1); }
+
+int64_t panel_budget_bytes(bool cuda) {
+  const double mb = env::positive_number("D2SM_PANEL_MB").value_or(cuda ? 256.0 : 64.0);
+  return std::max<int64_t>(static_cast<int64_t>(mb * double(1 << 20)), 1);
+}
+
+static int64_t panel_rows(int64_t M, int64_t element_size, bool cuda) {
+  if (const auto forced = forced_panel_rows()) return *forced;
+  return std::max<int64_t>(panel_budget_bytes(cuda) / std::max<int64_t>(2 * M * element_size, 1), 16);
+}
+
+Tensor column_arrays(const RowStats& st, const Tensor& w, at::ScalarType dtype) {
+  Tensor log_ba = (st.b.to(at::kDouble) / st.a.to(at::kDouble)).log().to(dtype);
+  return at::stack({st.a.reciprocal(), st.b.reciprocal(), log_ba, w / st.a, w / st.b}).contiguous();
+}
+
+// Pairwise pass over all problems. Returns stats (3, B, M) [F, ū, v̄] when want_stats; writes the
+// pairwise gradient sums of the live rows into gx/gy (B, N, d) when they are defined.
+static Tensor pair_pass(const Problem& p, const RowStats& st, const Tensor& w, int div, bool exclude_self, double eps,
+                        bool want_stats, Tensor gx, Tensor gy) {
+  const auto opts = p.x.options();
+  const bool cuda = p.x.is_cuda();
+  Tensor stats = want_stats ? at::zeros({3, p.B, p.M}, opts) : Tensor();
+  const int64_t R = panel_rows(p.M, p.x.element_size(), cuda);
+  const Tensor cols = column_arrays(st, w, p.dtype);
+  const PanelEpilogueFn epilogue = device_kernels(p.x.device().type()).panel_epilogue;
+  for (int seg = 0; seg < (want_stats && p.Q ? 2 : 1); ++seg) {
+    const bool memory = seg == 1;
+    const int64_t rows = memory ? p.Q : p.N, offset = memory ? p.N : 0;
+    if (rows == 0) continue;
+    const int64_t nr_max = std::min(R, rows);
+    const int64_t bc_max = std::max<int64_t>(1, std::min(p.B, R / nr_max));
+    Tensor sx = at::empty({bc_max, nr_max, p.M}, opts), sy = at::empty({bc_max, nr_max, p.M}, opts);
+    const bool gx_here = !memory && gx.defined(), gy_here = !memory && gy.defined();
+    for (int64_t b0 = 0; b0 < p.B; b0 += bc_max) {
+      const int64_t bc = std::min(bc_max, p.B - b0);
+      for (int64_t r0 = 0; r0 < rows; r0 += nr_max) {
+        const int64_t nr = std::min(nr_max, rows - r0);
+        // contiguous (bc, nr, M) views of the buffers' start
+        Tensor px = sx.view(-1).narrow(0, 0, bc * nr * p.M).view({bc, nr, p.M});
+        Tensor py = sy.view(-1).narrow(0, 0, bc * nr * p.M).view({bc, nr, p.M});
+        gram_panel(p, false, b0, bc, mm_segment(p, false, memory).narrow(0, b0, bc).narrow(1, r0, nr), px);
+        gram_panel(p, true, b0, bc, mm_segment(p, true, memory).narrow(0, b0, bc).narrow(1, r0, nr), py);
+        epilogue(div, px, py, b0, offset + r0, st.rx, st.ry, cols, exclude_self, eps, gx_here, gy_here, stats);
+        if (gx_here) grad_panel(p, false, b0, bc, px, gx.narrow(0, b0, bc).narrow(1, r0, nr));
+        if (gy_here) grad_panel(p, true, b0, bc, py, gy.narrow(0, b0, bc).narrow(1, r0, nr));
+      }
+    }
+  }
+  return stats;
+}
+
+// Step 3: ∂L/∂x from the pairwise sums (docs/DESIGN.md §3.3), in place and in one pass per row:
+// g = ½G − ½c·s − ½t (+ c·x̂ with exclude_self), c = α ū, then ∂L/∂x = r (g − x̂ (x̂·g)).
+// `pairwise` (B, N, d) is overwritten with the result.
+static Tensor finish_grad(const Problem& p, bool is_y, Tensor pairwise, const Tensor& r, const Tensor& norm,
+                          const Tensor& w, const Tensor& bar, const Tensor& s, bool exclude_self) {
+  Tensor coef = (w / norm * bar).contiguous();               // α_j ū_j (B, M)
+  Tensor t = weighted_rows(p, is_y, coef * r).contiguous();  // Σ_j α_j ū_j x̂_j (B, d)
+  device_kernels(pairwise.device().type())
+      .finish_rows(pairwise, segment(p, is_y, false), r, coef, s.contiguous(), t, exclude_self);
+  return pairwise;
+}
+
+static Tensor grad_or_empty(const Tensor& g, const Tensor& like, at::ScalarType dtype) {
+  if (!g.defined()) return at::empty({0}, like.options().dtype(dtype));
+  return g.reshape(like.sizes());
+}
+
+static std::tuple<Tensor, Tensor> gradients(const Problem& p, const RowStats& st, const Tensor& w, int div,
+                                            bool exclude_self, double eps, bool need_gx, bool need_gy,
+                                            bool want_stats, const Tensor& pu, const Tensor& qv, Tensor* stats_out) {
+  const DeviceKernels& kernels = device_kernels(p.x.device().type());
+  const bool own = kernels.own_pass && kernels.use_own_pass(p);
+  auto buffer = [&](bool needed) { return needed ? at::empty({p.B, p.N, p.D}, p.x.options()) : Tensor(); };
+  Tensor gx = buffer(need_gx), gy = buffer(need_gy);
+  Tensor stats = own ? kernels.own_pass(p, st, w, div, exclude_self, eps, want_stats, gx, gy)
+                     : pair_pass(p, st, w, div, exclude_self, eps, want_stats, gx, gy);
+  if (stats_out) *stats_out = stats;
+  Tensor ubar = want_stats ? stats[1] : pu, vbar = want_stats ? stats[2] : qv;
+  if (need_gx) gx = finish_grad(p, false, gx, st.rx, st.a, w, ubar, st.s_x, exclude_self);
+  if (need_gy) gy = finish_grad(p, true, gy, st.ry, st.b, w, vbar, st.s_y, exclude_self);
+  return {gx, gy};
+}
+
+// cuBLAS TF32 for fp32 GEMMs follows the op's `tf32` flag (the Python side resolves precision
+// "auto" to the global matmul setting, so the flag usually equals it and nothing is changed);
+// restored on exit. Process-global, like the setting itself: a concurrent fp32 matmul on another
+// thread may see the flag while an op that overrides it runs. When the user set TF32 only through
+// torch.backends.cuda.matmul.fp32_precision (torch >= 2.9), the legacy query below raises and
+// cannot be restored faithfully: cuBLAS then keeps the user's setting (what "auto" resolves to).
+class CublasTf32Scope {
+ public:
+  CublasTf32Scope(bool cuda, bool tf32) {
+    if (!cuda) return;
+    auto& ctx = at::globalContext();
+    try {
+      previous_ = ctx.allowTF32CuBLAS();
+    } catch (const c10::Error&) {
+      return;
+    }
+    changed_ = previous_ != tf32;
+    if (changed_) ctx.setAllowTF32CuBLAS(tf32);
+  }
+  ~CublasTf32Scope() {
+    if (changed_) at::globalContext().setAllowTF32CuBLAS(previous_);
+  }
+  CublasTf32Scope(const CublasTf32Scope&) = delete;
+  CublasTf32Scope& operator=(const CublasTf32Scope&) = delete;
+
+ private:
+  bool previous_ = false, changed_ = false;
+};
+
+// Problems (B,) with a non-finite value in any of their rows (live or memory, x or y). Their
+// values and gradients are NaN (docs/DESIGN.md §2.6: a loss never hides a NaN); the kernels' selects
+// (0·log 0 = 0, zero rows) would otherwise turn some NaNs into plausible numbers.
+static Tensor nonfinite_problems(const Problem& p) {
+  auto any_bad = [](const Tensor& t) { return at::isfinite(t).logical_not().flatten(1).any(1); };
+  Tensor bad = any_bad(p.x).logical_or(any_bad(p.y));
+  if (p.Q) bad = bad.logical_or(any_bad(p.xm)).logical_or(any_bad(p.ym));
+  return bad;
+}
+
+// NaN for the rows (B, …) of flagged problems, without a host sync.
+static Tensor nan_where(const Tensor& bad, const Tensor& t) {
+  if (!t.defined() || t.numel() == 0) return t;
+  std::vector<int64_t> shape(t.dim(), 1);
+  shape[0] = bad.size(0);
+  return at::where(bad.view(shape), std::numeric_limits<double>::quiet_NaN(), t);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward(
+    const Tensor& x, const Tensor& y, const std::optional<Tensor>& x_memory, const std::optional<Tensor>& y_memory,
+    std::string divergence, bool exclude_self, double eps, bool tf32, std::string reduction, bool need_gx,
+    bool need_gy) {
+  const int div = divergence_code(divergence);
+  TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", "bad reduction ", reduction);
+  const c10::OptionalDeviceGuard device_guard(x.device());
+  const CublasTf32Scope tf32_scope(x.is_cuda(), tf32);
+  Problem p = prepare(x, y, x_memory, y_memory);
+  RowStats st = row_statistics(p, exclude_self, eps);
+  const bool fused = reduction != "none" && (need_gx || need_gy);
+  const double scale = reduction == "mean" ? 1.0 / double(p.B * p.M) : 1.0;
+  Tensor w = at::full({p.B, p.M}, scale, p.x.options());
+  Tensor stats;
+  auto [gx, gy] = gradients(p, st, w, div, exclude_self, eps, need_gx && fused, need_gy && fused, true, Tensor(),
+                            Tensor(), &stats);
+  const Tensor bad = nonfinite_problems(p);
+  // Divergences are >= 0: a rounding of an exactly-zero one below 0 is returned as 0 (docs/DESIGN.md §2.5).
+  Tensor rows = nan_where(bad, stats[0].clamp_min(0.0));
+  if (gx.defined()) gx = nan_where(bad, gx);
+  if (gy.defined()) gy = nan_where(bad, gy);
+  Tensor value;
+  if (reduction == "mean") value = rows.mean();
+  else if (reduction == "sum") value = rows.sum();
+  else value = x.dim() == 3 ? rows : rows[0];
+  Tensor saved = at::stack({st.rx, st.ry, st.a, st.b, stats[1], stats[2]});
+  return {value.clone(), saved, grad_or_empty(gx, x, p.dtype), grad_or_empty(gy, y, p.dtype)};
+}
+
+std::tuple<Tensor, Tensor> fused_backward(const Tensor& x, const Tensor& y, const std::optional<Tensor>& x_memory,
+                                          const std::optional<Tensor>& y_memory, const Tensor& saved,
+                                          const Tensor& grad_rows, std::string divergence, bool exclude_self,
+                                          double eps, bool tf32, bool need_gx, bool need_gy) {
+  const int div = divergence_code(divergence);
+  const c10::OptionalDeviceGuard device_guard(x.device());
+  const CublasTf32Scope tf32_scope(x.is_cuda(), tf32);
+  Problem p = prepare(x, y, x_memory, y_memory);
+  TORCH_CHECK(saved.dim() == 3 && saved.size(0) == 6 && saved.size(1) == p.B && saved.size(2) == p.M,
+              "saved statistics must be (6, B, M)");
+  Tensor sv = saved.to(p.dtype).contiguous();
+  RowStats st;
+  st.rx = sv[0].contiguous();
+  st.ry = sv[1].contiguous();
+  st.a = sv[2].contiguous();
+  st.b = sv[3].contiguous();
+  st.s_x = weighted_rows(p, false, st.rx);
+  st.s_y = weighted_rows(p, true, st.ry);
+  Tensor w = grad_rows.reshape({p.B, p.M}).to(p.dtype).contiguous();
+  auto [gx, gy] = gradients(p, st, w, div, exclude_self, eps, need_gx, need_gy, false, sv[4], sv[5], nullptr);
+  const Tensor bad = nonfinite_problems(p);
+  return {grad_or_empty(nan_where(bad, gx), x, p.dtype), grad_or_empty(nan_where(bad, gy), y, p.dtype)};
+}
+
+}  // namespace d2sm_ext

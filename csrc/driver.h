@@ -1,0 +1,111 @@
+// The device-generic fused pass (driver.cpp) and what a device provides to it: a table of
+// kernels (DeviceKernels) that each device's sources register for their c10::DeviceType
+// (csrc/cpu/kernels.cpp, csrc/cuda/kernels.cu). The driver runs the O(M·d) steps and the GEMMs
+// with ATen (BLAS on CPU, cuBLAS on CUDA, on the current stream) and calls the table for the
+// per-pair epilogue and the per-row gradient finish (docs/DESIGN.md §3).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "pair_math.h"
+
+namespace d2sm_ext {
+
+using at::Tensor;
+
+// Inputs as (B, rows, d) tensors. x/y/xm/ym are in the compute dtype (fp32 for fp32 and half
+// inputs, fp64 for fp64) and feed the O(M·d) steps; the *_mm tensors feed the GEMMs: the same
+// tensors, except for fp16/bf16 on CUDA, where they keep the input dtype (tensor cores).
+struct Problem {
+  Tensor x, y, xm, ym;  // xm/ym undefined when there are no memory rows
+  Tensor x_mm, y_mm, xm_mm, ym_mm;
+  int64_t B, N, Q, M, D;
+  at::ScalarType dtype;     // compute dtype
+  at::ScalarType mm_dtype;  // GEMM operand dtype
+};
+
+// Per-row statistics before the pairwise pass (docs/DESIGN.md §3.1): inverse norms r, the
+// closed-form normalisers A (x side) and B (y side), and s = Σ_j x̂_j per problem.
+struct RowStats {
+  Tensor rx, ry, a, b, s_x, s_y;
+};
+
+// Rows of the sample set: live rows or memory rows (views, no copy).
+Tensor segment(const Problem& p, bool is_y, bool memory);
+
+// The epilogues' per-row arrays (5, B, M): 1/A, 1/B, log(B/A) (in double: a per-row constant
+// that must not cancel), w/A, w/B.
+Tensor column_arrays(const RowStats& st, const Tensor& w, at::ScalarType dtype);
+
+// Panel sizing shared by the passes: D2SM_PANEL_ROWS (forced rows) and D2SM_PANEL_MB (budget).
+std::optional<int64_t> forced_panel_rows();
+int64_t panel_budget_bytes(bool cuda);
+
+// Panel epilogue. px/py: (bc, nr, M) contiguous raw Gram panels of sample rows row0…row0+nr−1 of
+// problems b0…b0+bc−1 (compute dtype), overwritten with W' for the sides in grad_x/grad_y.
+// rx/ry: (B, M) inverse norms; cols: (5, B, M) from column_arrays; stats: (3, B, M) = F, ū, v̄
+// (rows row0… are written), or undefined when the statistics are not wanted.
+using PanelEpilogueFn = void (*)(int div, const Tensor& px, const Tensor& py, int64_t b0, int64_t row0,
+                                 const Tensor& rx, const Tensor& ry, const Tensor& cols, bool exclude_self,
+                                 double eps, bool grad_x, bool grad_y, const Tensor& stats);
+
+// Gradient finish of the live rows, in place: `pairwise` (B, N, d) holds Σ_j W'_kj x_j on entry
+// and ∂L/∂x on exit. live: (B, N, d) rows; r, coef: (B, M) inverse norms and α ū;
+// s, t: (B, d) Σ_j x̂_j and Σ_j α_j ū_j x̂_j.
+using FinishRowsFn = void (*)(const Tensor& pairwise, const Tensor& live, const Tensor& r, const Tensor& coef,
+                              const Tensor& s, const Tensor& t, bool exclude_self);
+
+// A device's own pairwise pass, used instead of the panel pass when `use_own_pass` says so
+// (CPU: symmetric blocks, each pair visited once). Same contract as the panel pass: returns the
+// statistics (3, B, M) when want_stats, and writes the pairwise gradient sums into gx/gy
+// (B, N, d, uninitialised on entry) when they are defined.
+using PairPassFn = Tensor (*)(const Problem& p, const RowStats& st, const Tensor& w, int div, bool exclude_self,
+                              double eps, bool want_stats, Tensor gx, Tensor gy);
+
+struct DeviceKernels {
+  PanelEpilogueFn panel_epilogue = nullptr;
+  FinishRowsFn finish_rows = nullptr;
+  PairPassFn own_pass = nullptr;                // optional
+  bool (*use_own_pass)(const Problem&) = nullptr;  // optional, with own_pass
+};
+
+// Each device's sources register their table once, at library load (a static initialiser).
+bool register_device_kernels(c10::DeviceType device, DeviceKernels kernels);
+const DeviceKernels& device_kernels(c10::DeviceType device);
+
+// The raw pointers both epilogue implementations take, from PanelEpilogueFn's tensors.
+template <typename T>
+struct PanelPointers {
+  T *gram_x, *gram_y;
+  Columns<T> columns;
+  T *f, *pu, *qv;  // statistics rows (B, M); null when the statistics are not wanted
+
+  static PanelPointers of(const Tensor& px, const Tensor& py, const Tensor& rx, const Tensor& ry, const Tensor& cols,
+                          const Tensor& stats) {
+    const bool s = stats.defined();
+    return {px.data_ptr<T>(),
+            py.data_ptr<T>(),
+            {rx.data_ptr<T>(), ry.data_ptr<T>(), cols[0].data_ptr<T>(), cols[1].data_ptr<T>(), cols[2].data_ptr<T>(),
+             cols[3].data_ptr<T>(), cols[4].data_ptr<T>()},
+            s ? stats[0].data_ptr<T>() : nullptr,
+            s ? stats[1].data_ptr<T>() : nullptr,
+            s ? stats[2].data_ptr<T>() : nullptr};
+  }
+};
+
+// The two ops (schemas in ops.cpp; the same functions serve every device's dispatch key).
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward(const Tensor& x, const Tensor& y,
+                                                         const std::optional<Tensor>& x_memory,
+                                                         const std::optional<Tensor>& y_memory,
+                                                         std::string divergence, bool exclude_self, double eps,
+                                                         bool tf32, std::string reduction, bool need_gx, bool need_gy);
+std::tuple<Tensor, Tensor> fused_backward(const Tensor& x, const Tensor& y, const std::optional<Tensor>& x_memory,
+                                          const std::optional<Tensor>& y_memory, const Tensor& saved,
+                                          const Tensor& grad_rows, std::string divergence, bool exclude_self,
+                                          double eps, bool tf32, bool need_gx, bool need_gy);
+
+}  // namespace d2sm_ext

@@ -1,0 +1,66 @@
+"""What only the "cuda" backend has on a card (benchmarks/gpu_check.sh runs this file on the lent
+GPU): the TF32 switch that leaves the user's global setting alone, panels at the default memory
+budget, and side streams. Its math against the reference (parity, float64 vs the literal loops,
+gradcheck, edge rows, half precision, forced small panels, empty live sets, determinism, opcheck,
+torch.compile) and mixed precision run in the backend matrix (tests/test_backend_matrix.py,
+tests/test_mixed_precision.py), whose CUDA rows run wherever a GPU is visible. Without a GPU this
+module is reported as one skip, never as passing."""
+import pytest
+import torch
+
+from backend_cases import LOW_PRECISION_FACTOR, assert_f32_close, make_inputs, max_err, reference64, run_backend
+from d2sm_ext import cpp_backend
+from d2sm_ext.reference import dense_divergence
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device here: the CUDA kernels are compiled (tests/test_cuda_build.py), not run",
+                allow_module_level=True)
+if cpp_backend.CUDA_ERROR is not None:
+    pytest.fail(f"a GPU is present but the CUDA kernels are not: {cpp_backend.CUDA_ERROR}", pytrace=False)
+
+
+def test_tf32_precision_and_the_global_flag_is_restored():
+    """precision="tf32": error at most 2× that of the dense formula with PyTorch's own TF32
+    matmuls (the low-precision rule of backend_cases.py); the user's TF32 setting is untouched."""
+    x, y, mem = make_inputs((3, 200, 256), 50, "cuda")
+    want, wgx, wgy = reference64(x, y, mem, "kl", True, "mean")
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        got, gx, gy = run_backend("cuda", x, y, mem, "kl", True, "mean", precision="tf32")
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        torch.backends.cuda.matmul.allow_tf32 = True
+        xl, yl = x.detach().clone().requires_grad_(True), y.detach().clone().requires_grad_(True)
+        plain = dense_divergence(xl, yl, "kl", True, "mean", 1e-8, mem[0], mem[1])
+        pgx, pgy = torch.autograd.grad(plain, (xl, yl), torch.ones_like(plain) * 2.0)
+        ieee = run_backend("cuda", x, y, mem, "kl", True, "mean", precision="ieee")
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert_f32_close(ieee[0], want, "ieee value")
+    for name, mine, base, truth in (("value", got, plain, want), ("grad x", gx, pgx, wgx), ("grad y", gy, pgy, wgy)):
+        floor = 1e-4 * truth.abs().max().item()
+        assert max_err(mine, truth) <= LOW_PRECISION_FACTOR * max_err(base, truth) + floor, name
+
+
+def test_several_panels():
+    """More live rows than one panel holds under the default budget (256 MiB of fp32 panels:
+    5461 rows at M = 6144)."""
+    x, y, mem = make_inputs((6000, 8), 144, "cuda")
+    want, wgx, wgy = reference64(x, y, mem, "symmetric_kl", True, "mean")
+    got, gx, gy = run_backend("cuda", x, y, mem, "symmetric_kl", True, "mean")
+    assert_f32_close(got, want, "value")
+    assert_f32_close(gx, wgx, "grad x")
+    assert_f32_close(gy, wgy, "grad y")
+
+
+def test_side_stream():
+    """On a side stream the kernels and cuBLAS calls follow the current stream: same results."""
+    x, y, mem = make_inputs((3, 70, 40), 10, "cuda")
+    ref = run_backend("cuda", x, y, mem, "js", True, "mean")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out, gx, gy = run_backend("cuda", x, y, mem, "js", True, "mean")
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(out, ref[0]) and torch.equal(gx, ref[1])
