@@ -268,7 +268,7 @@ static std::tuple<Tensor, Tensor> gradients(const Problem& p, const RowStats& st
                                             bool exclude_self, double eps, bool need_gx, bool need_gy,
                                             bool want_stats, const Tensor& pu, const Tensor& qv, Tensor* stats_out) {
   const DeviceKernels& kernels = device_kernels(p.x.device().type());
-  const bool own = kernels.own_pass && kernels.use_own_pass(p);
+  const bool own = kernels.own_pass && kernels.use_own_pass(p, want_stats);
   auto buffer = [&](bool needed) { return needed ? at::empty({p.B, p.N, p.D}, p.x.options()) : Tensor(); };
   Tensor gx = buffer(need_gx), gy = buffer(need_gy);
   Tensor stats = own ? kernels.own_pass(p, st, w, div, exclude_self, eps, want_stats, gx, gy)
@@ -311,12 +311,11 @@ class CublasTf32Scope {
 
 // Problems (B,) with a non-finite value in any of their rows (live or memory, x or y). Their
 // values and gradients are NaN (docs/DESIGN.md §2.6: a loss never hides a NaN); the kernels' selects
-// (0·log 0 = 0, zero rows) would otherwise turn some NaNs into plausible numbers.
-static Tensor nonfinite_problems(const Problem& p) {
-  auto any_bad = [](const Tensor& t) { return at::isfinite(t).logical_not().flatten(1).any(1); };
-  Tensor bad = any_bad(p.x).logical_or(any_bad(p.y));
-  if (p.Q) bad = bad.logical_or(any_bad(p.xm)).logical_or(any_bad(p.ym));
-  return bad;
+// (0·log 0 = 0, zero rows) would otherwise turn some NaNs into plausible numbers. Read off the
+// normalisers, O(M): a NaN or inf entry makes s = Σ_j r_j x_j NaN (a NaN or infinite row's r is
+// 0 or NaN, and 0·inf = NaN), hence every A_i (or B_i) of its problem.
+static Tensor nonfinite_problems(const RowStats& st) {
+  return at::isfinite(st.a).logical_and(at::isfinite(st.b)).all(1).logical_not();
 }
 
 // NaN for the rows (B, …) of flagged problems, without a host sync.
@@ -343,7 +342,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward(
   Tensor stats;
   auto [gx, gy] = gradients(p, st, w, div, exclude_self, eps, need_gx && fused, need_gy && fused, true, Tensor(),
                             Tensor(), &stats);
-  const Tensor bad = nonfinite_problems(p);
+  const Tensor bad = nonfinite_problems(st);
   // Divergences are >= 0: a rounding of an exactly-zero one below 0 is returned as 0 (docs/DESIGN.md §2.5).
   Tensor rows = nan_where(bad, stats[0].clamp_min(0.0));
   if (gx.defined()) gx = nan_where(bad, gx);
@@ -376,7 +375,7 @@ std::tuple<Tensor, Tensor> fused_backward(const Tensor& x, const Tensor& y, cons
   st.s_y = weighted_rows(p, true, st.ry);
   Tensor w = grad_rows.reshape({p.B, p.M}).to(p.dtype).contiguous();
   auto [gx, gy] = gradients(p, st, w, div, exclude_self, eps, need_gx, need_gy, false, sv[4], sv[5], nullptr);
-  const Tensor bad = nonfinite_problems(p);
+  const Tensor bad = nonfinite_problems(st);
   return {grad_or_empty(nan_where(bad, gx), x, p.dtype), grad_or_empty(nan_where(bad, gy), y, p.dtype)};
 }
 

@@ -59,8 +59,8 @@ using PanelEpilogueFn = void (*)(int div, const Tensor& px, const Tensor& py, in
 using FinishRowsFn = void (*)(const Tensor& pairwise, const Tensor& live, const Tensor& r, const Tensor& coef,
                               const Tensor& s, const Tensor& t, bool exclude_self);
 
-// A device's own pairwise pass, used instead of the panel pass when `use_own_pass` says so
-// (CPU: symmetric blocks, each pair visited once). Same contract as the panel pass: returns the
+// A device's own pairwise pass, used instead of the panel pass when `use_own_pass(p, want_stats)`
+// says so (CPU: symmetric blocks, each pair visited once, for passes that form the statistics). Same contract as the panel pass: returns the
 // statistics (3, B, M) when want_stats, and writes the pairwise gradient sums into gx/gy
 // (B, N, d, uninitialised on entry) when they are defined.
 using PairPassFn = Tensor (*)(const Problem& p, const RowStats& st, const Tensor& w, int div, bool exclude_self,
@@ -70,7 +70,7 @@ struct DeviceKernels {
   PanelEpilogueFn panel_epilogue = nullptr;
   FinishRowsFn finish_rows = nullptr;
   PairPassFn own_pass = nullptr;                // optional
-  bool (*use_own_pass)(const Problem&) = nullptr;  // optional, with own_pass
+  bool (*use_own_pass)(const Problem&, bool want_stats) = nullptr;  // optional, with own_pass
 };
 
 // Each device's sources register their table once, at library load (a static initialiser).

@@ -20,4 +20,8 @@ TORCH_LIBRARY(d2sm_ext, m) {
         "float eps, bool tf32, str reduction, bool need_gx, bool need_gy) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("fused_backward(Tensor x, Tensor y, Tensor? x_memory, Tensor? y_memory, Tensor saved, Tensor grad_rows, "
         "str divergence, bool exclude_self, float eps, bool tf32, bool need_gx, bool need_gy) -> (Tensor, Tensor)");
+  // Queue statistics (docs/DESIGN.md §3.6): weighted row and column sums of the pair terms
+  // K', K, K'·log(K'/K), K·log(K/K') between row set R and column set C, float64 (4, R), (4, C).
+  m.def("cross_sums(Tensor xr, Tensor yr, Tensor rxr, Tensor ryr, Tensor xc, Tensor yc, Tensor rxc, Tensor ryc, "
+        "float eps, Tensor? row_weight, Tensor? col_weight) -> (Tensor, Tensor)");
 }

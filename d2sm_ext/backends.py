@@ -32,6 +32,9 @@ class Backend:
     # The fused kernels floor every kernel value at eps and take its log: they need eps to be a
     # positive normal float32 (>= MIN_FUSED_EPS). The reference handles eps = 0 (values may be +inf).
     positive_eps: bool = False
+    # The op that forms gradients from saved row statistics (op_glue's backward schema): the queue
+    # statistics path (docs/DESIGN.md §3.6) needs it; None for backends without one.
+    backward_op: Optional[Callable[..., tuple]] = None
 
 
 # The smallest eps a fused backend accepts: float32's smallest normal number.
@@ -51,8 +54,10 @@ def register_backend(
     auto_device_types: Optional[tuple[str, ...]] = None,
     usable: Callable[[], Reason] = lambda: None,
     positive_eps: bool = False,
+    backward_op: Optional[Callable[..., tuple]] = None,
 ) -> None:
-    _REGISTRY[name] = Backend(name, fn, supports, priority, description, auto_device_types, usable, positive_eps)
+    _REGISTRY[name] = Backend(name, fn, supports, priority, description, auto_device_types, usable, positive_eps,
+                              backward_op)
     _UNAVAILABLE.pop(name, None)
 
 

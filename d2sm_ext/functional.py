@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from . import queue_stats
 from .backends import resolve_backend
 from .reference import DIVERGENCES, REDUCTIONS, promote
 
@@ -106,6 +107,20 @@ def validate_inputs(
         )
 
 
+def _check_queue(queue, x, x_memory, eps, divergence) -> None:
+    from .queue import FeatureQueue
+
+    if not isinstance(queue, FeatureQueue):
+        raise TypeError(f"queue must be a d2sm_ext.FeatureQueue, got {type(queue).__name__}")
+    if x_memory is not None:
+        raise ValueError("give either queue or x_memory/y_memory, not both")
+    if isinstance(x, torch.Tensor) and x.ndim != 2:
+        raise ValueError(f"with a queue, x must be (N, d) (one sample set), got shape {tuple(x.shape)}")
+    if queue.statistics_enabled and divergence in queue_stats.DECOMPOSABLE and float(eps) != queue.eps:
+        raise ValueError(f"the queue keeps statistics for eps={queue.eps}, but eps={eps} was given: use the same "
+                         f"eps, or FeatureQueue(..., eps={eps})")
+
+
 def d2sm_divergence(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -117,6 +132,7 @@ def d2sm_divergence(
     x_memory: Optional[torch.Tensor] = None,
     y_memory: Optional[torch.Tensor] = None,
     precision: str = "auto",
+    queue=None,
 ) -> torch.Tensor:
     """D2SM divergence between restored features ``x`` and clean features ``y``.
 
@@ -142,6 +158,12 @@ def d2sm_divergence(
             "tf32", or "auto" (tf32 exactly when PyTorch's own CUDA float32 matmuls may use it:
             ``torch.backends.cuda.matmul.fp32_precision`` when set, else
             ``torch.get_float32_matmul_precision()`` != "highest"). The reference ignores it.
+        queue: a ``FeatureQueue`` whose filled rows are the memory rows (instead of x_memory /
+            y_memory). The result equals ``x_memory, y_memory = queue.memory()`` passed as memory
+            rows, values and gradients. With ``FeatureQueue(statistics=True, eps=eps)`` and kl,
+            reverse_kl or symmetric_kl on a fused backend, it is computed from the queue's kept
+            statistics in O(N·q·d) (docs/DESIGN.md §3.6); otherwise (js, the reference backend, a
+            queue without statistics) by the full pass over the memory rows. x must be (N, d).
 
     Returns:
         A scalar for "mean"/"sum", per-row values for "none"; in the (promoted) input dtype, or
@@ -149,9 +171,18 @@ def d2sm_divergence(
         Per-row values are >= 0 (a rounding of an exactly-zero divergence below 0 is returned
         as 0); a non-finite value in any row of a problem makes all its rows NaN.
     """
+    if queue is not None:
+        _check_queue(queue, x, x_memory, eps, divergence)
+        x_memory, y_memory = queue.memory()
     validate_inputs(x, y, divergence, exclude_self, reduction, eps, x_memory, y_memory, precision)
     x, y, x_memory, y_memory = promote(x, y, x_memory, y_memory)
     impl = resolve_backend(backend, x.device.type, x.dtype, float(eps))
+    if (queue is not None and queue.statistics_enabled and divergence in queue_stats.DECOMPOSABLE
+            and impl.backward_op is not None and x_memory.shape[0] > 0):
+        from .op_glue import use_tf32
+
+        return queue_stats.queue_divergence(x, y, queue, divergence, exclude_self, reduction, eps, impl.backward_op,
+                                            use_tf32(precision))
     return impl.fn(
         x, y, divergence=divergence, exclude_self=exclude_self, reduction=reduction, eps=float(eps),
         x_memory=x_memory, y_memory=y_memory, precision=precision,

@@ -13,17 +13,27 @@ with its own stored copy and no autograd graph is ever kept in the buffer)::
 
 Everything lives in buffers (``state_dict``, ``.to()``, ``.double()`` work). ``enqueue`` never
 synchronises with the host: which rows are finite, where they land and the new fill count are
-computed on the device. ``history()``/``memory()`` need the fill count on the host and read it
-(one sync) until the queue has been seen full, after which they are sync-free.
+computed on the device, and only the slots that change are written (O(N·d) traffic, whatever the
+queue size). ``history()``/``memory()`` need the fill count on the host and read it (one sync)
+until the queue has been seen full, after which they are sync-free.
+
+Statistics (``statistics=True``, docs/DESIGN.md §3.6): the queue also keeps, per row, the float64
+sums A, B, C, D of its pair terms over the other queue rows, for one kernel floor ``eps``, and
+updates them on enqueue (the entering rows' terms added, the evicted rows' terms subtracted:
+O(N·q·d)). ``d2sm_divergence(x, y, queue=queue)`` then costs O(N·q·d) per step instead of
+O((N+q)²·d). ``refresh_statistics()`` recomputes them exactly (O(q²·d)).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import nn
 
 from . import distributed as dist_helpers
+from . import queue_stats
+from .reference import compute_dtype
 
 
 class FeatureQueue(nn.Module):
@@ -32,10 +42,15 @@ class FeatureQueue(nn.Module):
     Only filled rows take part (no random initial rows); a batch of any size may be enqueued
     (a batch larger than the queue keeps its newest finite rows); a row pair with any non-finite
     value in either member never enters.
+
+    statistics: keep the per-row sums that let ``d2sm_divergence(x, y, queue=queue, eps=eps)``
+    run in O(N·q·d) (kl, reverse_kl, symmetric_kl; any exclude_self and reduction). ``eps`` is the
+    kernel floor they are kept for (default 1e-8, as d2sm_divergence): a call with another eps
+    raises.
     """
 
     def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, statistics: bool = False, eps: float = 1e-8):
         super().__init__()
         for name, value in (("size", size), ("dim", dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -50,9 +65,21 @@ class FeatureQueue(nn.Module):
         self.register_buffer("write_pointer", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long, device=device))
         self._known_full = False  # host-side cache: once full, a queue stays full until reset()
+        if not isinstance(statistics, bool):
+            raise TypeError(f"statistics must be a bool, got {type(statistics).__name__}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"FeatureQueue eps must be a finite number > 0, got {eps!r}")
+        self.statistics_enabled = statistics
+        self.eps = float(eps)
+        if statistics:
+            # float64 sums A, B, C, D over the other filled rows, and the rows' inverse norms (x, y)
+            self.register_buffer("row_sums", torch.zeros(queue_stats.N_STATS, size, dtype=torch.float64,
+                                                         device=device))
+            self.register_buffer("row_inv_norms", torch.zeros(2, size, dtype=compute_dtype(dtype), device=device))
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, dim={self.dim}, dtype={self.x_buffer.dtype}"
+        stats = f", statistics=True, eps={self.eps}" if self.statistics_enabled else ""
+        return f"size={self.size}, dim={self.dim}, dtype={self.x_buffer.dtype}{stats}"
 
     def __len__(self) -> int:
         """Number of filled rows (reads the count from the device: one sync)."""
@@ -69,6 +96,9 @@ class FeatureQueue(nn.Module):
         self.y_buffer.zero_()
         self.write_pointer.zero_()
         self.filled.zero_()
+        if self.statistics_enabled:
+            self.row_sums.zero_()
+            self.row_inv_norms.zero_()
         self._known_full = False
 
     def _filled_count(self) -> int:
@@ -131,15 +161,79 @@ class FeatureQueue(nn.Module):
         n_valid = finite.sum()
         # Finite rows first, in their original order (stable sort on the "non-finite" flag).
         order = torch.sort((~finite).to(torch.int8), stable=True).indices
-
-        # Slot s receives the newest finite row whose rank k satisfies (pointer + k) % size == s.
-        slots = torch.arange(self.size, device=x.device)
-        rank = (slots - self.write_pointer) % self.size
-        wraps = torch.clamp(torch.div(n_valid - 1 - rank, self.size, rounding_mode="floor"), min=0)
-        rank = rank + wraps * self.size
-        takes = rank < n_valid
-        source = order[torch.clamp(rank, max=x.shape[0] - 1)]
-        self.x_buffer.copy_(torch.where(takes[:, None], x[source], self.x_buffer))
-        self.y_buffer.copy_(torch.where(takes[:, None], y[source], self.y_buffer))
+        # In FIFO order, finite row r lands in slot (pointer + r) % size and later rows overwrite
+        # earlier ones, so only rows lo … n_valid−1 survive, lo = max(n_valid − size, 0). They go
+        # to K = min(N, size) consecutive (hence distinct) slots; candidate k writes row lo + k
+        # when k < n_valid − lo and otherwise writes the slot's own content back.
+        k = min(x.shape[0], self.size)
+        lo = torch.clamp(n_valid - self.size, min=0)
+        cand = torch.arange(k, device=x.device)
+        slots = (self.write_pointer + lo + cand) % self.size
+        takes = cand < n_valid - lo
+        source = order[torch.clamp(lo + cand, max=x.shape[0] - 1)]
+        new_x = torch.where(takes[:, None], x[source], self.x_buffer[slots])
+        new_y = torch.where(takes[:, None], y[source], self.y_buffer[slots])
+        if self.statistics_enabled:
+            self._update_statistics(slots, takes, new_x, new_y)
+        self.x_buffer.index_copy_(0, slots, new_x)
+        self.y_buffer.index_copy_(0, slots, new_y)
         self.write_pointer.copy_((self.write_pointer + n_valid) % self.size)
         self.filled.copy_(torch.clamp(self.filled + n_valid, max=self.size))
+
+    # ------------------------------------------------------------------------------------------
+    # Statistics (docs/DESIGN.md §3.6)
+    # ------------------------------------------------------------------------------------------
+    def _require_statistics(self) -> None:
+        if not self.statistics_enabled:
+            raise RuntimeError("this FeatureQueue keeps no statistics: create it with statistics=True")
+
+    def statistics(self, filled: int) -> torch.Tensor:
+        """(4, filled) float64 sums A, B, C, D of the filled rows over the other filled rows."""
+        self._require_statistics()
+        return self.row_sums[:, :filled]
+
+    def inverse_norms(self, filled: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse norms (x side, y side) of the filled rows, in the compute dtype."""
+        self._require_statistics()
+        return self.row_inv_norms[0, :filled], self.row_inv_norms[1, :filled]
+
+    @torch.no_grad()
+    def _update_statistics(self, slots, takes, new_x, new_y) -> None:
+        """Before the slots are written: the entering rows' terms are added to every kept row's
+        sums, the evicted rows' terms subtracted, and the entering rows' own sums formed over the
+        kept rows and the other entering rows. O(K·q·d) for K candidate slots; no host sync."""
+        eps = self.eps
+        all_slots = torch.arange(self.size, device=slots.device)
+        was_filled = all_slots < self.filled  # slots fill in order: 0 … filled − 1
+        evicted = takes & (slots < self.filled)
+        kept = was_filled.clone()
+        kept[slots] = kept[slots] & ~takes
+        old_x, old_y = self.x_buffer[slots], self.y_buffer[slots]
+        rx_new, ry_new = queue_stats.inverse_norms(new_x), queue_stats.inverse_norms(new_y)
+        rx_old, ry_old = self.row_inv_norms[0, slots], self.row_inv_norms[1, slots]
+        cdt = self.row_inv_norms.dtype
+        # rows: entering (weight +1 where it takes) and evicted (−1) against every slot
+        rows_x, rows_y = torch.cat([new_x, old_x]), torch.cat([new_y, old_y])
+        weight = torch.cat([takes.to(cdt), -evicted.to(cdt)])
+        row_sums, col_delta = queue_stats.cross_sums(
+            rows_x, rows_y, torch.cat([rx_new, rx_old]), torch.cat([ry_new, ry_old]),
+            self.x_buffer, self.y_buffer, self.row_inv_norms[0], self.row_inv_norms[1], eps,
+            row_weight=weight, col_weight=kept.to(cdt))
+        entering = row_sums[:, :slots.shape[0]] + queue_stats.block_sums(
+            new_x, new_y, rx_new, ry_new, eps, exclude_self=True, col_weight=takes.to(cdt))
+        self.row_sums.add_(torch.where(kept, col_delta, 0.0))
+        self.row_sums[:, slots] = torch.where(takes, entering, self.row_sums[:, slots])
+        self.row_inv_norms[0, slots] = torch.where(takes, rx_new, rx_old)
+        self.row_inv_norms[1, slots] = torch.where(takes, ry_new, ry_old)
+
+    @torch.no_grad()
+    def refresh_statistics(self) -> None:
+        """Recompute the kept sums exactly from the stored rows (O(q²·d); one host sync)."""
+        self._require_statistics()
+        n = len(self)
+        xm, ym = self.x_buffer[:n], self.y_buffer[:n]
+        rx, ry = queue_stats.inverse_norms(xm), queue_stats.inverse_norms(ym)
+        self.row_inv_norms.zero_()
+        self.row_sums.zero_()
+        self.row_inv_norms[0, :n], self.row_inv_norms[1, :n] = rx, ry
+        self.row_sums[:, :n] = queue_stats.block_sums(xm, ym, rx, ry, self.eps, exclude_self=True)

@@ -10,6 +10,8 @@ Each fused backend defines its torch.library ops on import: the C++ extension's
 """
 import warnings
 
+import torch
+
 from . import cpp_backend
 from .backends import mark_unavailable, register_backend
 from .reference import d2sm_reference
@@ -26,7 +28,7 @@ register_backend("reference", d2sm_reference, _reference_supports, priority=0,
 if cpp_backend.LOAD_ERROR is None:
     register_backend("cpu", cpp_backend.d2sm_fused, cpp_backend.supports_on("cpu", "cpu"), priority=5,
                      description="fused C++ kernel (BLAS panels + parallel epilogue), CPU tensors",
-                     positive_eps=True)
+                     positive_eps=True, backward_op=torch.ops.d2sm_ext.fused_backward)
 else:
     mark_unavailable("cpu", cpp_backend.LOAD_ERROR)
     warnings.warn(f"d2sm_ext: backend 'cpu' unavailable, 'auto' uses the reference on CPU: {cpp_backend.LOAD_ERROR}",
@@ -37,7 +39,7 @@ if cpp_backend.CUDA_ERROR is None:
     register_backend("cuda", cpp_backend.d2sm_fused, cpp_backend.supports_on("cuda", "cuda"), priority=7,
                      description="fused C++/CUDA kernels (cuBLAS panels + CUDA epilogue), CUDA tensors; "
                                  "explicit only until validated on a GPU", auto_device_types=(),
-                     usable=cpp_backend.cuda_usable, positive_eps=True)
+                     usable=cpp_backend.cuda_usable, positive_eps=True, backward_op=torch.ops.d2sm_ext.fused_backward)
 else:
     mark_unavailable("cuda", cpp_backend.CUDA_ERROR)
 
@@ -49,4 +51,5 @@ else:
     register_backend("triton", triton_backend.d2sm_triton, triton_backend.supports, priority=10,
                      description="fused Triton kernels: Gram tiles + fused epilogue, panel GEMM for the "
                                  "gradient (CUDA; CPU only under TRITON_INTERPRET=1)", auto_device_types=("cuda",),
-                     usable=triton_backend.usable, positive_eps=True)
+                     usable=triton_backend.usable, positive_eps=True,
+                     backward_op=torch.ops.d2sm_ext.triton_d2sm_backward)

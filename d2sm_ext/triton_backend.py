@@ -313,13 +313,11 @@ def _grads(x, y, xm, ym, div, exclude_self, eps, tf32, weights, need_gx, need_gy
 # ----------------------------------------------------------------------------------------------
 # Custom ops (torch.library): opaque to torch.compile; fake shapes and autograd in op_glue.
 # ----------------------------------------------------------------------------------------------
-def _nonfinite_problems(x, y, xm, ym) -> torch.Tensor:
+def _nonfinite_problems(a: torch.Tensor, bn: torch.Tensor) -> torch.Tensor:
     """(B,) flags: a non-finite value in any row of the problem (live or memory, x or y). Their
-    values and gradients are NaN (docs/DESIGN.md §2.6); the kernels' selects would hide some NaNs."""
-    bad = ~(torch.isfinite(x).flatten(1).all(1) & torch.isfinite(y).flatten(1).all(1))
-    if xm is not None:
-        bad = bad | ~(torch.isfinite(xm).flatten(1).all(1) & torch.isfinite(ym).flatten(1).all(1))
-    return bad
+    values and gradients are NaN (docs/DESIGN.md §2.6); the kernels' selects would hide some NaNs.
+    Read off the normalisers, O(M): such a value makes s, hence every A_i (or B_i), NaN."""
+    return ~(torch.isfinite(a).all(1) & torch.isfinite(bn).all(1))
 
 
 def _nan_where(bad: torch.Tensor, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -351,7 +349,7 @@ def triton_d2sm(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[torch.Tenso
     weights = torch.full((bsz, m), scale, dtype=torch.float32, device=x.device)
     stats, gx, gy = _grads(x3, y3, xm3, ym3, divergence, exclude_self, eps, tf32, weights,
                            need_gx and fused, need_gy and fused, True, row_stats)
-    bad = _nonfinite_problems(x3, y3, xm3, ym3)
+    bad = _nonfinite_problems(row_stats[4], row_stats[5])
     # Divergences are >= 0: a rounding of an exactly-zero one below 0 is returned as 0 (docs/DESIGN.md §2.5).
     rows = _nan_where(bad, stats[0].clamp_min(0.0))
     gx, gy = _nan_where(bad, gx), _nan_where(bad, gy)
@@ -380,7 +378,7 @@ def triton_d2sm_backward(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[to
     weights = grad_rows.reshape(rx.shape).to(torch.float32).contiguous()
     _, gx, gy = _grads(x3, y3, xm3, ym3, divergence, exclude_self, eps, tf32, weights, need_gx, need_gy,
                        False, (xsegs, ysegs, rx, ry, a, bn, sx, sy), saved_bars=(pu, qv))
-    bad = _nonfinite_problems(x3, y3, xm3, ym3)
+    bad = _nonfinite_problems(a, bn)
     gx, gy = _nan_where(bad, gx), _nan_where(bad, gy)
     return _grad_or_empty(gx, x), _grad_or_empty(gy, y)
 

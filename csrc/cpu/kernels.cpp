@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -227,14 +228,16 @@ void symmetric_block_epilogue(T* sx, T* sy, int64_t bc, int64_t nI, int64_t nJ, 
 constexpr int64_t kSymmetricBlockRows = 512;
 
 // CPU pass choice: D2SM_CPU_PASS = "symmetric" | "panel" | "auto" (default). "auto" takes the
-// symmetric pass when the sample set spans more than one block: with a single block it saves no
-// Gram FLOPs (the block's GEMM is square anyway) and its normalised copies of the rows cost more
-// than half an epilogue saves (measured: B=64 × M=36, d=4096 ran 53 ms with panels, 86 ms with
-// one symmetric block).
-bool use_symmetric_pass(const Problem& p) {
+// symmetric pass for a pass that forms the statistics when the sample set spans more than one
+// block: with a single block it saves no Gram FLOPs (the block's GEMM is square anyway) and its
+// normalised copies of the rows cost more than half an epilogue saves (B=64 × M=36, d=4096 ran
+// 53 ms with panels, 86 ms with one symmetric block). A gradient-only pass (the backward of
+// "none", the queue statistics path) takes panels of the live rows: the symmetric blocks would
+// also pair memory rows that share a block with live rows (O(block·M·d) instead of O(N·M·d)).
+bool use_symmetric_pass(const Problem& p, bool want_stats) {
   const std::string pass = env::choice("D2SM_CPU_PASS", {"auto", "symmetric", "panel"}, "auto");
   if (pass != "auto") return pass == "symmetric";
-  return p.M > forced_panel_rows().value_or(kSymmetricBlockRows);
+  return want_stats && p.M > forced_panel_rows().value_or(kSymmetricBlockRows);
 }
 
 Tensor symmetric_pass_cpu(const Problem& p, const RowStats& st, const Tensor& w, int div, bool exclude_self,
@@ -324,6 +327,105 @@ void finish_rows_cpu(const Tensor& pairwise, const Tensor& live, const Tensor& r
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Cross sums for the queue statistics (docs/DESIGN.md §3.6): for row set R and column set C, the
+// weighted row and column sums of the four pair terms K', K, K'·log(K'/K), K·log(K/K'), from
+// Gram panels of column chunks (BLAS) and one vectorised pass per panel row. Row sums: fp32
+// partial sums of at most kSumChunk terms, added in double; column sums: per-thread fp32
+// partials of one panel, combined in thread order in double. Deterministic for a thread count.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void cross_sums_panel(const T* gx, const T* gy, int64_t nr, int64_t nc, const T* rxr, const T* ryr, const T* rxc,
+                      const T* ryc, const T* wr, const T* wc, T eps, double* row_sums, int64_t n_rows,
+                      double* col_sums, int64_t n_cols, int64_t c0) {
+  const int threads = at::get_num_threads();
+  std::vector<T> partial(size_t(threads) * 4 * nc, T(0));
+  at::parallel_for(0, nr, 4, [&](int64_t begin, int64_t end) {
+    alignas(64) T t_a[kSumChunk], t_b[kSumChunk], t_c[kSumChunk], t_d[kSumChunk];
+    T* mine = partial.data() + size_t(at::get_thread_num()) * 4 * nc;
+    for (int64_t i = begin; i < end; ++i) {
+      const T rxi = rxr[i], ryi = ryr[i], wi = wr ? wr[i] : T(1);
+      const T* __restrict__ row_x = gx + i * nc;
+      const T* __restrict__ row_y = gy + i * nc;
+      T* __restrict__ col_a = mine;
+      T* __restrict__ col_b = mine + nc;
+      T* __restrict__ col_c = mine + 2 * nc;
+      T* __restrict__ col_d = mine + 3 * nc;
+      double sa = 0, sb = 0, sc = 0, sd = 0;
+      for (int64_t j0 = 0; j0 < nc; j0 += kSumChunk) {
+        const int64_t n = std::min(kSumChunk, nc - j0);
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) {
+          const int64_t j = j0 + k;
+          const PairKernel<T> pk = pair_kernel(row_x[j] * rxi * rxc[j], row_y[j] * ryi * ryc[j], eps, VectorLog{});
+          const T ta = pk.ka, tb = pk.kb, tc = pk.ka * pk.lab, td = -pk.kb * pk.lab;
+          const T wj = wc ? wc[j] : T(1);
+          t_a[k] = wj * ta;
+          t_b[k] = wj * tb;
+          t_c[k] = wj * tc;
+          t_d[k] = wj * td;
+          col_a[j] += wi * ta;
+          col_b[j] += wi * tb;
+          col_c[j] += wi * tc;
+          col_d[j] += wi * td;
+        }
+        for (int64_t k = 0; k < n; ++k) {
+          sa += double(t_a[k]);
+          sb += double(t_b[k]);
+          sc += double(t_c[k]);
+          sd += double(t_d[k]);
+        }
+      }
+      row_sums[i] += sa;  // one writer per row: the rows of a panel are split between threads
+      row_sums[n_rows + i] += sb;
+      row_sums[2 * n_rows + i] += sc;
+      row_sums[3 * n_rows + i] += sd;
+    }
+  });
+  for (int t = 0; t < threads; ++t) {  // fixed order: deterministic
+    const T* sums = partial.data() + size_t(t) * 4 * nc;
+    for (int s = 0; s < 4; ++s) {
+      for (int64_t j = 0; j < nc; ++j) col_sums[s * n_cols + c0 + j] += double(sums[s * nc + j]);
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor> cross_sums_cpu(const Tensor& xr, const Tensor& yr, const Tensor& rxr, const Tensor& ryr,
+                                          const Tensor& xc, const Tensor& yc, const Tensor& rxc, const Tensor& ryc,
+                                          double eps, const std::optional<Tensor>& row_weight,
+                                          const std::optional<Tensor>& col_weight) {
+  TORCH_CHECK(xr.dim() == 2 && xr.sizes() == yr.sizes() && xc.dim() == 2 && xc.sizes() == yc.sizes() &&
+                  xr.size(1) == xc.size(1),
+              "cross_sums: rows (R, d) and columns (C, d) with the same d");
+  const at::ScalarType dtype = xr.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t R = xr.size(0), C = xc.size(0);
+  const auto opts = xr.options().dtype(at::kDouble);
+  Tensor row_sums = at::zeros({4, R}, opts), col_sums = at::zeros({4, C}, opts);
+  if (R == 0 || C == 0) return {row_sums, col_sums};
+  auto prep = [&](const Tensor& t) { return t.to(dtype).contiguous(); };
+  const Tensor xr_ = prep(xr), yr_ = prep(yr), xc_ = prep(xc), yc_ = prep(yc);
+  const Tensor rxr_ = prep(rxr), ryr_ = prep(ryr), rxc_ = prep(rxc), ryc_ = prep(ryc);
+  const Tensor wr = row_weight ? prep(*row_weight) : Tensor(), wc = col_weight ? prep(*col_weight) : Tensor();
+  // Column chunks: the two Gram panels (R × chunk) within the panel budget (D2SM_PANEL_MB).
+  const int64_t chunk = std::clamp<int64_t>(panel_budget_bytes(false) / std::max<int64_t>(2 * R * xr_.element_size(), 1),
+                                            64, C);
+  Tensor gx = at::empty({R, chunk}, xr_.options()), gy = at::empty({R, chunk}, xr_.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "d2sm_cross_sums_cpu", [&] {
+    using T = scalar_t;
+    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+      const int64_t nc = std::min(chunk, C - c0);
+      Tensor px = gx.view(-1).narrow(0, 0, R * nc).view({R, nc}), py = gy.view(-1).narrow(0, 0, R * nc).view({R, nc});
+      at::mm_out(px, xr_, xc_.narrow(0, c0, nc).t());
+      at::mm_out(py, yr_, yc_.narrow(0, c0, nc).t());
+      cross_sums_panel<T>(px.data_ptr<T>(), py.data_ptr<T>(), R, nc, rxr_.data_ptr<T>(), ryr_.data_ptr<T>(),
+                          rxc_.data_ptr<T>() + c0, ryc_.data_ptr<T>() + c0, wr.defined() ? wr.data_ptr<T>() : nullptr,
+                          wc.defined() ? wc.data_ptr<T>() + c0 : nullptr, T(eps), row_sums.data_ptr<double>(), R,
+                          col_sums.data_ptr<double>(), C, c0);
+    }
+  });
+  return {row_sums, col_sums};
+}
+
 }  // namespace
 
 const bool cpu_kernels_registered = register_device_kernels(
@@ -333,6 +435,7 @@ const bool cpu_kernels_registered = register_device_kernels(
 TORCH_LIBRARY_IMPL(d2sm_ext, CPU, m) {
   m.impl("fused_forward", &fused_forward);
   m.impl("fused_backward", &fused_backward);
+  m.impl("cross_sums", &cross_sums_cpu);
 }
 
 }  // namespace d2sm_ext

@@ -1,0 +1,118 @@
+"""Per-step cost of training with a queue: the kept statistics (docs/DESIGN.md §3.6) against the
+full recomputation over queue.memory(), side by side in one process.
+
+One step = the loss over (N live rows, the filled queue) + backward + enqueue of the batch, with a
+full queue (the steady state), fp32, kl, exclude_self, "mean". Both paths use the same backend
+("auto": the C++ kernel on CPU, Triton on CUDA), the same inputs and the same queue contents.
+
+    python -m benchmarks.queue_steps --out out/queue            # CPU sizes of BENCHMARKS.md
+    python -m benchmarks.queue_steps --device cuda --n 256 --dim 1280 --sizes 1048576 --dtype bfloat16
+
+Writes queue_steps_<device>.json and .md (a table) under --out, and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+
+import torch
+
+import d2sm_ext
+from benchmarks.common import peak_memory_bytes, summarize, synchronize, time_ms
+
+
+def make_queue(size: int, dim: int, device: str, dtype: torch.dtype, statistics: bool, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    queue = d2sm_ext.FeatureQueue(size, dim, dtype=dtype, device=device, statistics=statistics)
+    chunk = 65536
+    for start in range(0, size, chunk):  # fill in chunks (a full-queue enqueue would be q×q at once)
+        n = min(chunk, size - start)
+        x = torch.randn(n, dim, generator=g).to(device, dtype)
+        queue.enqueue(x, x + 0.7 * torch.randn(n, dim, generator=g).to(device, dtype))
+    if statistics:
+        queue.refresh_statistics() if size <= 65536 else None  # large queues: the incremental sums
+    return queue
+
+
+def step_fn(queue, n: int, dim: int, device: str, dtype: torch.dtype, use_statistics: bool):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x0 = torch.randn(n, dim, generator=g).to(device, dtype)
+    y0 = (x0 + 0.7 * torch.randn(n, dim, generator=g).to(device, dtype))
+
+    def step():
+        x = x0.clone().requires_grad_(True)
+        if use_statistics:
+            loss = d2sm_ext.d2sm_divergence(x, y0, queue=queue)
+        else:
+            xm, ym = queue.memory()
+            loss = d2sm_ext.d2sm_divergence(x, y0, x_memory=xm, y_memory=ym)
+        loss.backward()
+        queue.enqueue(x.detach(), y0)
+    return step
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--n", type=int, default=64, help="live rows per step (default 64)")
+    parser.add_argument("--dim", type=int, default=1280)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4032, 16320, 65472, 262080])
+    parser.add_argument("--full-up-to", type=int, default=16320,
+                        help="run the full recomputation only up to this queue size (it grows as q²)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds per cell (timing)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--out", default="out/queue")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for size in args.sizes:
+        row = dict(q=size, n=args.n, dim=args.dim, dtype=args.dtype)
+        for label, stats in (("statistics", True), ("full", False)):
+            if not stats and size > args.full_up_to:
+                row[label] = None
+                continue
+            queue = make_queue(size, args.dim, args.device, dtype, statistics=stats)
+            step = step_fn(queue, args.n, args.dim, args.device, dtype, stats)
+            times = time_ms(step, args.device, args.reps, warmup=1, budget_s=args.budget)
+            synchronize(args.device)
+            cell = None if times is None else summarize(times)
+            if cell is not None and not args.no_memory:
+                cell["peak_mib"] = peak_memory_bytes(step, args.device) / 2 ** 20
+            row[label] = cell
+            del queue
+        full, fast = row.get("full"), row.get("statistics")
+        row["speedup"] = full["median"] / fast["median"] if full and fast else None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    machine = (torch.cuda.get_device_name() if args.device == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    lines = [f"Queue steps on {args.device} ({machine}), torch {torch.__version__}: N={args.n}, d={args.dim}, "
+             f"{args.dtype}, kl, loss + backward + enqueue, median ms (p20–p80), peak MiB above the inputs", "",
+             "| q | statistics: ms | full recomputation: ms | speed-up | peak MiB (statistics / full) |",
+             "|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        def cell(c):
+            return "—" if c is None else f"{c['median']:.1f} ({c['p20']:.1f}–{c['p80']:.1f})"
+
+        def mem(c):
+            return "—" if c is None or "peak_mib" not in c else f"{c['peak_mib']:.0f}"
+
+        speed = "—" if r["speedup"] is None else f"{r['speedup']:.1f}×"
+        lines.append(f"| {r['q']:,} | {cell(r['statistics'])} | {cell(r['full'])} | {speed} | "
+                     f"{mem(r['statistics'])} / {mem(r['full'])} |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(args.out, f"queue_steps_{args.device}.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, f"queue_steps_{args.device}.json"), "w") as f:
+        json.dump(dict(machine=machine, torch=torch.__version__, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
