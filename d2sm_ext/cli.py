@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=_positive_int, default=4, help="crops per step (default 4)")
     demo.add_argument("--test-images", type=_positive_int, default=4,
                       help="how many of the 4 test images to evaluate (fewer: a quicker smoke run)")
+    demo.add_argument("--sampling", choices=["internal", "pooled", "batch"], default="internal",
+                      help="D2SM sample sets: each crop's patches (internal, default), all patches of the batch "
+                           "(pooled) or one row per crop (batch); pooled/batch may add a queue")
+    demo.add_argument("--queue-size", type=int, default=0,
+                      help="rows of the feature queue for --sampling pooled/batch (default 0: none); the queue keeps "
+                           "per-row statistics, so a step costs O(N·q·d)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -81,11 +87,18 @@ def main(argv=None) -> int:
         if args.crop < 64:
             parser.error(f"--crop must be at least 64 (D2SM patches are crop/2 and EfficientNet-Lite0 "
                          f"needs 32×32 inputs), got {args.crop}")
+        if args.queue_size < 0:
+            parser.error(f"--queue-size must be >= 0, got {args.queue_size}")
+        if args.queue_size and args.sampling == "internal":
+            parser.error("--queue-size needs --sampling pooled or batch (internal sampling: one problem per crop)")
+        if args.sampling == "batch" and not args.queue_size and args.batch < 3:
+            parser.error("--sampling batch without a queue needs --batch >= 3 (each crop needs two neighbours)")
         from .demo import DemoConfig, run_demo
 
         cfg = DemoConfig(steps=args.steps, batch=args.batch, crop=args.crop, sigma=args.sigma, weight=args.weight,
                          device=args.device, seed=args.seed, out=args.out,
-                         max_test_images=min(args.test_images, 4))
+                         max_test_images=min(args.test_images, 4), sampling=args.sampling,
+                         queue_size=args.queue_size)
         run_demo(cfg, progress=not args.no_progress)
     return 0
 

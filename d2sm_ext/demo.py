@@ -10,7 +10,8 @@ Setup (everything offline, CPU-sized by default):
   noise seed.
 * Model: a small FFDNet/DnCNN-style residual CNN that also sees the noise level map.
 * Runs: identical seeds and data order; "L1" and "L1+D2SM" (D2SMLoss, EfficientNet-Lite0,
-  internal patch sampling; patch size and stride scaled from the paper's 224/56 to the crop:
+  internal patch sampling by default — ``--sampling pooled|batch --queue-size Q`` trains with a
+  feature queue instead; patch size and stride scaled from the paper's 224/56 to the crop:
   patch = crop/2, stride = crop/4, i.e. 3×3 patches per crop).
 * Metrics on the test images: PSNR and SSIM (scikit-image), and semantic agreement — the share
   of 224×224 tiles of the test images whose top-1 ImageNet class on the denoised tile equals the
@@ -48,6 +49,8 @@ class DemoConfig:
     width: int = 32
     depth: int = 5
     max_test_images: int = len(TEST_IMAGES)  # fewer for quick smoke runs
+    sampling: str = "internal"  # D2SMLoss sampling: "internal", "pooled" or "batch"
+    queue_size: int = 0  # a feature queue for "pooled"/"batch" (kept statistics: O(N·q·d) per step)
 
 
 def load_image(name: str) -> torch.Tensor:
@@ -111,7 +114,8 @@ def train(cfg: DemoConfig, use_d2sm: bool, images, progress: bool = True):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.steps, 1))
     crit = None
     if use_d2sm:
-        crit = D2SMLoss(sampling="internal", patch_size=cfg.crop // 2, stride=cfg.crop // 4, weight=cfg.weight).to(device)
+        crit = D2SMLoss(sampling=cfg.sampling, patch_size=cfg.crop // 2, stride=cfg.crop // 4, weight=cfg.weight,
+                        queue_size=cfg.queue_size).to(device)
     history = {"l1": [], "d2sm": []}
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     bar = _progress(cfg.steps, "L1+D2SM" if use_d2sm else "L1", progress)

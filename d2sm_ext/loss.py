@@ -44,6 +44,7 @@ from .extractors import build_extractor
 from .functional import d2sm_divergence
 from .patches import extract_patches
 from .queue import FeatureQueue
+from .queue_stats import DECOMPOSABLE
 from .reference import DIVERGENCES, output_dtype
 
 SAMPLINGS = ("internal", "pooled", "batch")
@@ -109,7 +110,9 @@ class D2SMLoss(nn.Module):
                 ``d2sm_ext.patches``). Images must be at least patch_size on each side.
             queue_size: rows of the feature queue (paper §3.2, "memorized historic sampling";
                 0 = none, the default). The loss uses (this batch, the filled history); in
-                training mode the batch is enqueued afterwards, detached.
+                training mode the batch is enqueued afterwards, detached. For kl, reverse_kl and
+                symmetric_kl the queue keeps per-row statistics, so a step costs O(N·q·d), not
+                O((N+q)²·d): queues of 10^5–10^6 rows are practical (js: the full pass).
             divergence: "kl" (default, paper Eq. 2), "reverse_kl", "symmetric_kl" or "js".
             weight: multiplies the divergence (default 1.0; finite, >= 0).
             exclude_self: leave a sample out of its own neighbour distribution (paper; default).
@@ -166,7 +169,9 @@ class D2SMLoss(nn.Module):
         self._range_checked = False
         self.queue: Optional[FeatureQueue] = None
         if queue_size > 0:
-            self.queue = FeatureQueue(queue_size, self.feature_dim)
+            # kept statistics (O(N·q·d) per step, docs/DESIGN.md §3.6) for the divergences that
+            # decompose; js takes the full pass over the queue.
+            self.queue = FeatureQueue(queue_size, self.feature_dim, statistics=divergence in DECOMPOSABLE, eps=eps)
 
     @property
     def feature_dim(self) -> int:
@@ -274,13 +279,9 @@ class D2SMLoss(nn.Module):
         if distributed and self.gather_live:
             fx, world = dist_helpers.gather_live_rows(fx)
             fy, _ = dist_helpers.all_gather_rows(fy)
-        x_mem = y_mem = None
-        if self.queue is not None:
-            x_mem, y_mem = self.queue.memory()  # the queue's dtype: d2sm_divergence promotes
-            if x_mem.shape[0] == 0:
-                x_mem = y_mem = None
+        queued = 0 if self.queue is None else len(self.queue)
         live = fx.shape[-2]
-        rows = live + (0 if x_mem is None else x_mem.shape[0])
+        rows = live + queued
         # Connects a loss without live rows to the graph: backward works, gradients are zero.
         zero = (restored.sum() * 0.0).to(output_dtype(restored))
         if self.queue is None and live > 0:
@@ -290,9 +291,10 @@ class D2SMLoss(nn.Module):
             # row, where every divergence is exactly 0
             loss = zero
         else:
+            # the queue's rows (its dtype: d2sm_divergence promotes) join the sample set
             loss = d2sm_divergence(fx, fy, divergence=self.divergence, exclude_self=self.exclude_self,
                                    reduction="mean", eps=self.eps, backend=self.backend,
-                                   x_memory=x_mem, y_memory=y_mem) + zero
+                                   queue=self.queue if queued else None) + zero
         if self.queue is not None and self.training:
             self.queue.enqueue(local_fx.detach(), local_fy, distributed=distributed)
         if world > 1:

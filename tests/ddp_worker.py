@@ -46,6 +46,15 @@ def run(rank, world, init_file, out):
             q.enqueue(torch.zeros(0, 2), torch.zeros(0, 2))
             q.enqueue(torch.tensor([[6.0, 6], [float("nan"), 0]]), torch.zeros(2, 2))
         result["queue"] = q.history()[0]
+        # the same stream into a queue with statistics: identical sums on every rank
+        qs = FeatureQueue(size=6, dim=2, statistics=True, dtype=torch.float64)
+        if rank == 0:
+            qs.enqueue(torch.tensor([[0.5, 0], [1, 1], [2, 2.5]], dtype=torch.float64), torch.ones(3, 2))
+            qs.enqueue(torch.tensor([[5.0, 5]], dtype=torch.float64), torch.ones(1, 2))
+        else:
+            qs.enqueue(torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, 2, dtype=torch.float64))
+            qs.enqueue(torch.tensor([[6.0, -6], [float("nan"), 0]], dtype=torch.float64), torch.ones(2, 2))
+        result["stats_queue"] = (qs.x_buffer.clone(), qs.y_buffer.clone(), qs.row_sums.clone())
 
         # 2. loss + DDP gradients, both semantics
         for gather_live in (False, True):
@@ -59,6 +68,7 @@ def run(rank, world, init_file, out):
             result[f"grads_{gather_live}"] = [p.grad.clone() for p in net.parameters()]
             result[f"loss_{gather_live}"] = loss.detach()
             result[f"queue_{gather_live}"] = crit.queue.history()[0]
+            result[f"queue_sums_{gather_live}"] = crit.queue.row_sums.clone()
             if rank == 0:
                 result[f"state_{gather_live}"] = crit.state_dict()
 

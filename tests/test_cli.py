@@ -12,12 +12,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_tiny(tmp_path):
+@pytest.mark.parametrize("sampling", [[], ["--sampling", "batch", "--queue-size", "16"]], ids=["internal", "queue"])
+def test_demo_end_to_end_tiny(tmp_path, sampling):
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-m", "d2sm_ext", "demo", "--steps", "2", "--crop", "64", "--batch", "2",
-         "--test-images", "1", "--out", str(out), "--no-progress"],
+        [sys.executable, "-m", "d2sm_ext", "demo", "--steps", "3", "--crop", "64", "--batch", "2",
+         "--test-images", "1", "--out", str(out), "--no-progress"] + sampling,
         capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
@@ -36,6 +37,9 @@ def test_demo_end_to_end_tiny(tmp_path):
     (["demo", "--weight", "-1"], "weight must be >= 0"),
     (["demo", "--device", "tpu"], "invalid choice"),
     (["demo", "--crop", "32"], "--crop must be at least 64"),
+    (["demo", "--queue-size", "8"], "--queue-size needs --sampling pooled or batch"),
+    (["demo", "--sampling", "batch", "--batch", "2"], "needs --batch >= 3"),
+    (["demo", "--sampling", "pooled", "--queue-size", "-1"], "--queue-size must be >= 0"),
     ([], "the following arguments are required: command"),
 ])
 def test_argument_errors(args, message, capsys):

@@ -34,6 +34,22 @@ def test_queue_gathers_uneven_empty_and_nonfinite_batches(results):
         torch.testing.assert_close(r["queue"], want)
 
 
+def test_queue_statistics_identical_on_every_rank_and_equal_to_one_process(results):
+    """The all-gathered batches enter every rank's queue, so the kept sums are identical (bit for
+    bit) and equal those of one process fed the gathered stream."""
+    from d2sm_ext import FeatureQueue
+
+    x0, y0, s0 = results[0]["stats_queue"]
+    for r in results[1:]:
+        x, y, s = r["stats_queue"]
+        assert torch.equal(x, x0) and torch.equal(y, y0) and torch.equal(s, s0)
+    single = FeatureQueue(size=6, dim=2, statistics=True, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64)
+    single.enqueue(torch.tensor([[0.5, 0], [1, 1], [2, 2.5]], **f64), torch.ones(3, 2, **f64))  # step 1: rank 0, rank 1 (empty)
+    single.enqueue(torch.tensor([[5.0, 5], [6, -6], [float("nan"), 0]], **f64), torch.ones(3, 2, **f64))  # step 2
+    torch.testing.assert_close(single.row_sums, s0, rtol=1e-12, atol=1e-12)
+
+
 def _single_process(gather_live):
     net = ddp_worker.tiny_denoiser()
     crit = ddp_worker.prefilled_loss(gather_live).eval()  # eval: the history stays fixed
@@ -64,8 +80,9 @@ def test_ddp_gradients_equal_single_process(results, gather_live):
             torch.testing.assert_close(r["loss_True"], want_loss)
     else:  # the mean of the per-rank losses
         torch.testing.assert_close((results[0]["loss_False"] + results[1]["loss_False"]) / 2, want_loss)
-    # queues identical on both ranks: history + the gathered batch
+    # queues identical on both ranks: history + the gathered batch, and the same kept statistics
     torch.testing.assert_close(results[0][f"queue_{gather_live}"], results[1][f"queue_{gather_live}"])
+    assert torch.equal(results[0][f"queue_sums_{gather_live}"], results[1][f"queue_sums_{gather_live}"])
     assert results[0][f"queue_{gather_live}"].shape[0] == 8  # 5 prefilled + 5 images, size 8
     # a rank-0 checkpoint loads into a single-process loss (any world size)
     crit.load_state_dict(results[0][f"state_{gather_live}"])

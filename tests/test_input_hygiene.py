@@ -140,7 +140,9 @@ def test_empty_batch(mode):
         assert loss == 0
     else:
         x_mem, y_mem = crit.queue.memory()
-        assert loss == d2sm_ext.d2sm_divergence(x_mem, y_mem) and loss > 0
+        # the queue rows' own divergence (the kept statistics or the full pass: float32 rounding apart)
+        torch.testing.assert_close(loss.detach(), d2sm_ext.d2sm_divergence(x_mem, y_mem), rtol=1e-4, atol=1e-7)
+        assert loss > 0
         after = crit.queue.history()
         assert all(torch.equal(a, b) for a, b in zip(before, after))
 

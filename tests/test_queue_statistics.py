@@ -1,0 +1,248 @@
+"""Queue statistics kept across steps (docs/DESIGN.md §3.6): d2sm_divergence(x, y, queue=queue)
+equals the full pass over queue.memory(), values and gradients, for every divergence,
+exclude_self and reduction, on every backend of the matrix that runs here; the kept sums stay
+exact over a long random stream (wrap-around, oversize and non-finite batches, a reset, a
+state_dict round trip); enqueue writes only the slots that change and never syncs."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import d2sm_ext
+from backend_cases import assert_f32_close
+from backend_matrix import rows_params
+from d2sm_ext import FeatureQueue, queue_stats
+from d2sm_ext.reference import DIVERGENCES, REDUCTIONS
+
+FUSED = [pytest.param(p.values[0], id=p.id) for p in rows_params(fused=True, variants=False)]
+FUSED_F64 = [pytest.param(p.values[0], id=p.id) for p in rows_params(fused=True, variants=False, dtype=torch.float64)]
+
+
+def filled_queue(size, dim, n_rows, dtype=torch.float64, device="cpu", seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    q = FeatureQueue(size, dim, dtype=dtype, device=device, statistics=True, **kw)
+    for start in range(0, n_rows, 5):  # several enqueues: the sums are built incrementally
+        n = min(5, n_rows - start)
+        x = torch.randn(n, dim, generator=g, dtype=dtype)
+        q.enqueue(x.to(device), (x + 0.7 * torch.randn(n, dim, generator=g, dtype=dtype)).to(device))
+    return q
+
+
+def both_paths(x0, y0, queue, div, excl, red, backend, upstream):
+    """(value, grad x, grad y) from the kept statistics and from the full pass over memory()."""
+    out = []
+    for use_queue in (True, False):
+        x, y = x0.clone().requires_grad_(True), y0.clone().requires_grad_(True)
+        if use_queue:
+            v = d2sm_ext.d2sm_divergence(x, y, div, excl, red, backend=backend, queue=queue)
+        else:
+            xm, ym = queue.memory()
+            v = d2sm_ext.d2sm_divergence(x, y, div, excl, red, backend="reference", x_memory=xm, y_memory=ym)
+        gx, gy = torch.autograd.grad(v, (x, y), upstream if red == "none" else torch.tensor(2.0, dtype=v.dtype))
+        out.append((v.detach(), gx, gy))
+    return out
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize("row", FUSED_F64)
+@pytest.mark.parametrize("div", DIVERGENCES)
+@pytest.mark.parametrize("excl", [True, False])
+@pytest.mark.parametrize("red", REDUCTIONS)
+def test_equals_the_full_pass_float64(row, div, excl, red):
+    q = filled_queue(23, 6, 30, device=row.device)  # wrapped once
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(7, 6, generator=g, dtype=torch.float64).to(row.device)
+    y0 = (x0 + torch.randn(7, 6, generator=g, dtype=torch.float64).to(row.device))
+    upstream = torch.randn(7 + 23, generator=g, dtype=torch.float64).to(row.device)
+    (v, gx, gy), (wv, wgx, wgy) = both_paths(x0, y0, q, div, excl, red, row.backend, upstream)
+    assert rel_err(v, wv) < 1e-9 and rel_err(gx, wgx) < 1e-9 and rel_err(gy, wgy) < 1e-9
+
+
+@pytest.mark.parametrize("row", FUSED)
+@pytest.mark.parametrize("div", DIVERGENCES)
+@pytest.mark.parametrize("red", ["mean", "none"])
+def test_equals_the_full_pass_float32(row, div, red):
+    q = filled_queue(40, 16, 55, dtype=torch.float32, device=row.device)
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(9, 16, generator=g).to(row.device)
+    y0 = x0 + 0.7 * torch.randn(9, 16, generator=g).to(row.device)
+    upstream = torch.randn(49, generator=g).to(row.device)
+    (v, gx, gy), (wv, wgx, wgy) = both_paths(x0, y0, q, div, True, red, row.backend, upstream)
+    for name, got, want in (("value", v, wv), ("grad x", gx, wgx), ("grad y", gy, wgy)):
+        assert_f32_close(got, want.double().cpu(), name)
+
+
+def test_the_statistics_path_is_taken_and_js_takes_the_full_pass(monkeypatch):
+    calls = []
+    real = queue_stats.QueueDivergence.apply
+    monkeypatch.setattr(queue_stats.QueueDivergence, "apply", lambda *a: (calls.append(a[3]), real(*a))[1])
+    q = filled_queue(10, 4, 10)
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    for div in DIVERGENCES:
+        d2sm_ext.d2sm_divergence(x, y, div, queue=q)
+    d2sm_ext.d2sm_divergence(x, y, "kl", queue=q, backend="reference")  # the reference: the full pass
+    assert calls == ["kl", "reverse_kl", "symmetric_kl"]
+    # D2SMLoss with a queue takes it by default
+    crit = d2sm_ext.D2SMLoss(extractor=torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1)),
+                             sampling="batch", queue_size=8)
+    assert crit.queue.statistics_enabled and crit.queue.eps == crit.eps
+    imgs = torch.rand(3, 3, 12, 12)
+    crit(imgs, imgs.flip(0))
+    crit(imgs, imgs.flip(0))
+    assert calls[-1] == "kl"
+
+
+def test_errors():
+    q = filled_queue(10, 4, 10)
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"keeps statistics for eps=1e-08, but eps=0.001 was given"):
+        d2sm_ext.d2sm_divergence(x, y, eps=1e-3, queue=q)
+    d2sm_ext.d2sm_divergence(x, y, "js", eps=1e-3, queue=q)  # js takes the full pass: any eps
+    with pytest.raises(ValueError, match="either queue or x_memory"):
+        d2sm_ext.d2sm_divergence(x, y, queue=q, x_memory=x, y_memory=y)
+    with pytest.raises(ValueError, match=r"x must be \(N, d\)"):
+        d2sm_ext.d2sm_divergence(x[None], y[None], queue=q)
+    with pytest.raises(TypeError, match="FeatureQueue"):
+        d2sm_ext.d2sm_divergence(x, y, queue=object())
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        FeatureQueue(4, 4, statistics=True, eps=0.0)
+    with pytest.raises(RuntimeError, match="statistics=True"):
+        FeatureQueue(4, 4).refresh_statistics()
+    plain = FeatureQueue(10, 4, dtype=torch.float64)  # no statistics: the full pass, same values
+    plain.enqueue(*q.memory())
+    torch.testing.assert_close(d2sm_ext.d2sm_divergence(x, y, queue=plain), d2sm_ext.d2sm_divergence(x, y, queue=q),
+                               rtol=1e-12, atol=0)
+
+
+def _random_batch(g, n, dim, dtype, nonfinite: bool):
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    y = x + 0.5 * torch.randn(n, dim, generator=g, dtype=torch.float64)
+    if nonfinite and n > 1:
+        x[torch.randint(0, n, (1,), generator=g)] = float("nan")
+        y[torch.randint(0, n, (1,), generator=g)] = float("inf")
+    return x.to(dtype), y.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_long_stream_stays_exact(dtype):
+    """2000 steps of a random stream into a 37-row queue: batch sizes 1…42 (most do not divide
+    37, some exceed it), wrap-around, non-finite rows, a reset and a state_dict round trip
+    midway. Every 4th step the loss and gradients (kl, reverse_kl, symmetric_kl, both
+    exclude_self) equal the full recomputation — to 1e-9 relative in float64, within the fused
+    backends' float32 tolerance in float32 — and at the end the kept sums equal an exact
+    recomputation (the drift of 2000 steps of running sums)."""
+    size, dim = 37, 5
+    q = FeatureQueue(size, dim, dtype=dtype, statistics=True)
+    g = torch.Generator().manual_seed(5)
+    divergences = ["kl", "reverse_kl", "symmetric_kl"]
+    compared = 0
+    for step in range(2000):
+        n = int(torch.randint(1, size + 6, (1,), generator=g))
+        if step % 4 == 0 and len(q) >= 2:
+            x0, y0 = _random_batch(g, 4, dim, dtype, nonfinite=False)
+            div, excl = divergences[step % 3], step % 8 == 0
+            (v, gx, gy), (wv, wgx, wgy) = both_paths(x0, y0, q, div, excl, "mean", "cpu", None)
+            if dtype == torch.float64:
+                assert rel_err(v, wv) < 1e-9 and rel_err(gx, wgx) < 1e-9 and rel_err(gy, wgy) < 1e-9, step
+            else:
+                for name, got, want in (("value", v, wv), ("grad x", gx, wgx), ("grad y", gy, wgy)):
+                    assert_f32_close(got, want.double(), f"{name} at step {step}")
+            compared += 1
+        if step == 700:
+            q.reset()
+        if step == 1300:
+            state = q.state_dict()
+            q = FeatureQueue(size, dim, dtype=dtype, statistics=True)
+            q.load_state_dict(state)
+        q.enqueue(*_random_batch(g, n, dim, dtype, nonfinite=step % 7 == 0))
+    assert compared >= 490
+    kept = q.row_sums.clone()
+    q.refresh_statistics()
+    assert rel_err(kept, q.row_sums) < (1e-10 if dtype == torch.float64 else 1e-6)
+
+
+def test_refresh_and_state(tmp_path):
+    q = filled_queue(12, 4, 30)
+    kept = q.row_sums.clone()
+    q.refresh_statistics()
+    torch.testing.assert_close(kept, q.row_sums, rtol=1e-12, atol=1e-12)
+    state = q.state_dict()
+    assert "row_sums" in state and "row_inv_norms" in state
+    other = FeatureQueue(12, 4, dtype=torch.float64, statistics=True)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.row_sums, q.row_sums)
+    q.reset()
+    assert (q.row_sums == 0).all() and len(q) == 0
+    assert "statistics=True" in repr(other)
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the size of every tensor an op returns that is not one of its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(a) for a in args if isinstance(a, torch.Tensor)}
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and id(t) not in inputs:
+                self.sizes.append(t.numel())
+        return out
+
+
+@pytest.mark.parametrize("statistics", [False, True])
+def test_enqueue_writes_only_the_slots_that_change(statistics):
+    """No op of an enqueue creates a tensor as large as the buffers: O(N·d) traffic for the rows
+    (the statistics add O(N·q) pair values, never size×dim)."""
+    size, dim = 500, 64
+    q = FeatureQueue(size, dim, statistics=statistics)
+    q.enqueue(torch.randn(size, dim), torch.randn(size, dim))
+    before = q.x_buffer.clone()
+    with _Allocations() as record:
+        q.enqueue(torch.randn(8, dim), torch.randn(8, dim))
+    assert max(record.sizes) < size * dim, max(record.sizes)
+    changed = (q.x_buffer != before).any(dim=1)
+    assert int(changed.sum()) == 8
+
+
+@pytest.mark.parametrize("statistics", [False, True])
+def test_enqueue_does_not_sync(statistics, monkeypatch):
+    q = FeatureQueue(size=5, dim=3, statistics=statistics)
+    calls = []
+    for name in ("item", "__int__", "__bool__", "tolist", "__float__"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _o=orig, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1])
+    q.enqueue(torch.randn(8, 3), torch.randn(8, 3))
+    q.enqueue(torch.randn(2, 3), torch.randn(2, 3))
+    monkeypatch.undo()
+    assert calls == []
+
+
+@pytest.mark.parametrize("form", ["fused", "pytorch"])
+@pytest.mark.parametrize("panel_mb", [None, "0.01"])
+def test_cross_sums_match_float64(form, panel_mb, monkeypatch):
+    """The C++ kernel (CPU tensors) and the chunked PyTorch form (other devices) against float64,
+    with signed row weights, column weights, a zero row, and (0.01 MiB) chunks of a few columns."""
+    if form == "pytorch":
+        monkeypatch.setattr(queue_stats, "_has_fused_cross_sums", lambda t: False)
+    elif not queue_stats._has_fused_cross_sums(torch.zeros(1)):
+        pytest.fail("the C++ extension's cross_sums kernel is not registered")
+    if panel_mb:
+        monkeypatch.setenv("D2SM_PANEL_MB", panel_mb)
+    g = torch.Generator().manual_seed(3)
+    xr, yr, xc, yc = (torch.randn(n, 33, generator=g) for n in (70, 70, 300, 300))
+    xr[3] = 0
+    xc[5] = 0
+    wr, wc = torch.rand(70, generator=g) - 0.3, torch.rand(300, generator=g)
+    norms = [queue_stats.inverse_norms(t) for t in (xr, yr, xc, yc)]
+    d = [t.double() for t in (xr, yr, norms[0], norms[1], xc, yc, norms[2], norms[3])]
+    terms = queue_stats.pair_terms(d[0] @ d[4].T, d[1] @ d[5].T, d[2], d[3], d[6], d[7], 1e-8)
+    want_rows, want_cols = (terms * wc.double()).sum(2), (terms * wr.double()[:, None]).sum(1)
+    rows, cols = queue_stats.cross_sums(xr, yr, *norms[:2], xc, yc, *norms[2:], 1e-8, wr, wc)
+    assert rows.dtype == cols.dtype == torch.float64
+    assert rel_err(rows, want_rows) < 1e-6 and rel_err(cols, want_cols) < 1e-6
