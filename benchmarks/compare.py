@@ -63,12 +63,22 @@ def _usable(name: str, device: str, dtype: torch.dtype) -> bool:
     return not (name == "triton" and device == "cpu")  # the CPU interpreter is for tests only
 
 
+def _auto_choice(cfg: Config, inputs) -> str:
+    """The backend "auto" resolves to for these inputs (with the measured GPU rule)."""
+    x, y, xm, ym = inputs
+    tf32 = d2sm_ext.op_glue.use_tf32("auto")
+    problem = d2sm_ext.auto_rules.Problem(x.device, x.dtype, tf32, cfg.b, cfg.m + cfg.q, cfg.d)
+    return d2sm_ext.backends.resolve_backend("auto", x.device.type, x.dtype, 1e-8, problem).name
+
+
 def measure(cfg: Config, backend: str, device: str, reps: int, budget_s: float) -> dict:
     result = dict(config=cfg.label(), backend=backend, note=cfg.note)
     fn = runner(backend)
     try:
         with float32_precision(cfg.tf32):
             inputs = make_inputs(cfg, device)
+            if backend == "auto":
+                result["backend"] = f"auto → {_auto_choice(cfg, inputs)}"
             for phase, backward in (("fwd", False), ("fwdbwd", True)):
                 times = time_ms(step_fn(fn, inputs, backward), device, reps, warmup=2 if device == "cuda" else 1,
                                 budget_s=budget_s)
@@ -215,8 +225,10 @@ def main(argv=None) -> int:
     by_label = {}
     for cfg in configs:
         by_label[cfg.label()] = cfg
+        # "auto" last: the backend a user gets by default, with what it resolved to (auto_rules.py)
         for backend in ["reference", "reference+compile"] + [
-                n for n in d2sm_ext.available_backends() if n != "reference" and _usable(n, device, cfg.dtype)]:
+                n for n in d2sm_ext.available_backends() if n != "reference" and _usable(n, device, cfg.dtype)] + [
+                "auto"]:
             if backend == "reference+compile" and (args.no_compile or not cfg.compiled_baseline):
                 continue
             row = measure(cfg, backend, device, reps, budget)

@@ -35,6 +35,9 @@ class Backend:
     # The op that forms gradients from saved row statistics (op_glue's backward schema): the queue
     # statistics path (docs/DESIGN.md §3.6) needs it; None for backends without one.
     backward_op: Optional[Callable[..., tuple]] = None
+    # Why "auto" should not take the backend for a given problem (an auto_rules.Problem) although
+    # it could run it: the backend was measured slower than the reference there. None: no rule.
+    auto_rule: Optional[Callable[..., Reason]] = None
 
 
 # The smallest eps a fused backend accepts: float32's smallest normal number.
@@ -55,9 +58,10 @@ def register_backend(
     usable: Callable[[], Reason] = lambda: None,
     positive_eps: bool = False,
     backward_op: Optional[Callable[..., tuple]] = None,
+    auto_rule: Optional[Callable[..., Reason]] = None,
 ) -> None:
     _REGISTRY[name] = Backend(name, fn, supports, priority, description, auto_device_types, usable, positive_eps,
-                              backward_op)
+                              backward_op, auto_rule)
     _UNAVAILABLE.pop(name, None)
 
 
@@ -103,15 +107,19 @@ def _eps_reason(backend: Backend, eps: float) -> Reason:
     return None
 
 
-def resolve_backend(name: str, device_type: str, dtype: torch.dtype, eps: float = 1e-8) -> Backend:
+def resolve_backend(name: str, device_type: str, dtype: torch.dtype, eps: float = 1e-8, problem=None) -> Backend:
     """The backend to run for inputs on ``device_type`` with ``dtype`` and kernel floor ``eps``;
-    a clear error otherwise."""
+    a clear error otherwise. ``problem`` (an ``auto_rules.Problem``) lets "auto" apply the
+    backends' measured rules (a backend measured slower than the reference for that shape and
+    precision is passed over)."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}; {_describe_choices()}")
     if name == "auto":
         for backend in _usable():
             auto_ok = backend.auto_device_types is None or device_type in backend.auto_device_types
             if auto_ok and backend.supports(device_type, dtype) is None and _eps_reason(backend, eps) is None:
+                if problem is not None and backend.auto_rule is not None and backend.auto_rule(problem) is not None:
+                    continue
                 return backend
         raise ValueError(
             f"no backend supports {dtype} tensors on device type '{device_type}'; {_describe_choices()}"

@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from . import queue_stats
+from . import auto_rules, queue_stats
+from .op_glue import use_tf32
 from .backends import resolve_backend
 from .reference import DIVERGENCES, REDUCTIONS, promote
 
@@ -149,8 +150,10 @@ def d2sm_divergence(
             rows are antipodal). eps = 0 is allowed; a divergence can then be +inf. The fused
             backends need eps >= 1.18e-38 (a normal float32): "auto" takes the reference for a
             smaller eps, and naming a fused backend then raises.
-        backend: "auto" (fastest usable for the tensors' device and dtype), "reference", or any
-            name from ``d2sm_ext.available_backends()``.
+        backend: "auto" (the fastest backend that can run the tensors' device, dtype and shape:
+            on a GPU a fused backend only where it was measured faster than the reference, see
+            d2sm_ext/auto_rules.py), "reference", or any name from
+            ``d2sm_ext.available_backends()``.
         x_memory, y_memory: optional history rows (Q, d) or (B, Q, d). The sample set is the rows
             of x followed by the memory rows; every row's divergence counts (M = N + Q rows), and
             gradients reach only x and y, never the memory.
@@ -176,13 +179,14 @@ def d2sm_divergence(
         x_memory, y_memory = queue.memory()
     validate_inputs(x, y, divergence, exclude_self, reduction, eps, x_memory, y_memory, precision)
     x, y, x_memory, y_memory = promote(x, y, x_memory, y_memory)
-    impl = resolve_backend(backend, x.device.type, x.dtype, float(eps))
+    tf32 = use_tf32(precision)
+    problem = auto_rules.Problem(x.device, x.dtype, tf32, x.shape[0] if x.ndim == 3 else 1,
+                                 x.shape[-2] + (0 if x_memory is None else x_memory.shape[-2]), x.shape[-1])
+    impl = resolve_backend(backend, x.device.type, x.dtype, float(eps), problem)
     if (queue is not None and queue.statistics_enabled and divergence in queue_stats.DECOMPOSABLE
             and impl.backward_op is not None and x_memory.shape[0] > 0):
-        from .op_glue import use_tf32
-
         return queue_stats.queue_divergence(x, y, queue, divergence, exclude_self, reduction, eps, impl.backward_op,
-                                            use_tf32(precision))
+                                            tf32)
     return impl.fn(
         x, y, divergence=divergence, exclude_self=exclude_self, reduction=reduction, eps=float(eps),
         x_memory=x_memory, y_memory=y_memory, precision=precision,

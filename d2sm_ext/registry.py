@@ -1,6 +1,7 @@
 """Registers the built-in backends with the registry (d2sm_ext.backends), highest priority first
-for "auto": triton (10, CUDA), cuda (7, explicit only until validated on a GPU), cpu (5),
-reference (0, any device and dtype). A backend that cannot be loaded here is recorded with the
+for "auto": triton (10, CUDA, where d2sm_ext/auto_rules.py's measured rule says it is faster than
+the reference), cuda (7, explicit only until validated on a GPU), cpu (5), reference (0, any
+device and dtype). A backend that cannot be loaded here is recorded with the
 reason (``d2sm_ext.unavailable_backends()``) instead of failing the import.
 
 Each fused backend defines its torch.library ops on import: the C++ extension's
@@ -12,7 +13,7 @@ import warnings
 
 import torch
 
-from . import cpp_backend
+from . import auto_rules, cpp_backend
 from .backends import mark_unavailable, register_backend
 from .reference import d2sm_reference
 
@@ -52,4 +53,4 @@ else:
                      description="fused Triton kernels: Gram tiles + fused epilogue, panel GEMM for the "
                                  "gradient (CUDA; CPU only under TRITON_INTERPRET=1)", auto_device_types=("cuda",),
                      usable=triton_backend.usable, positive_eps=True,
-                     backward_op=torch.ops.d2sm_ext.triton_d2sm_backward)
+                     backward_op=torch.ops.d2sm_ext.triton_d2sm_backward, auto_rule=auto_rules.gpu_fused_reason)

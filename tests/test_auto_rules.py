@@ -1,0 +1,59 @@
+"""The measured rule behind backend="auto" on a GPU (d2sm_ext/auto_rules.py): a fused backend is
+taken only where it was measured faster than the reference, or where the reference would not
+fit in memory. Checked on CPU with synthetic problems (and a fake device memory)."""
+import pytest
+import torch
+
+import d2sm_ext
+from d2sm_ext import auto_rules
+from d2sm_ext.backends import resolve_backend
+
+GPU = torch.device("cuda", 0)
+
+
+def problem(dtype=torch.float32, tf32=False, rows=4096, batch=1, dim=4096):
+    return auto_rules.Problem(GPU, dtype, tf32, batch, rows, dim)
+
+
+@pytest.fixture
+def free_memory(monkeypatch):
+    def set_free(gib):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(gib * 2 ** 30), 80 * 2 ** 30))
+    set_free(70)
+    return set_free
+
+
+@pytest.mark.parametrize("dtype,tf32,rows,fused", [
+    (torch.bfloat16, False, 4096, True),     # measured 3.70× (H100, M=4096 d=4096)
+    (torch.float16, False, 8192, True),
+    (torch.bfloat16, False, 256, False),     # measured 0.43× (M=256 d=100352)
+    (torch.float32, True, 16384, True),      # measured 1.62× (M=16384 d=1280)
+    (torch.float32, True, 4096, False),      # measured 0.83× (M=4096 d=4096)
+    (torch.float32, False, 16384, False),    # IEEE fp32: slower wherever measured
+])
+def test_rule_follows_the_measurements(dtype, tf32, rows, fused, free_memory):
+    reason = auto_rules.gpu_fused_reason(problem(dtype, tf32, rows))
+    assert (reason is None) == fused, reason
+    if not fused:
+        assert "measured slower than the reference" in reason
+
+
+def test_fused_backend_where_the_reference_would_not_fit(free_memory):
+    # the reference needs ~11 M×M float32 matrices: 11 GiB at M = 16384, 176 GiB at M = 65536
+    assert auto_rules.reference_peak_bytes(problem(rows=16384)) == 11 * 2 ** 30
+    free_memory(70)
+    assert auto_rules.gpu_fused_reason(problem(rows=65536)) is None           # IEEE fp32, but OOM for the reference
+    assert auto_rules.gpu_fused_reason(problem(rows=16384)) is not None       # fits: the reference is faster
+    free_memory(8)
+    assert auto_rules.gpu_fused_reason(problem(rows=16384)) is None           # does not fit in 8 GiB
+    assert auto_rules.gpu_fused_reason(problem(rows=4096, batch=64)) is None  # 64 problems of 4096 rows: 44 GiB
+
+
+def test_auto_applies_the_rule(free_memory):
+    if "triton" not in d2sm_ext.available_backends():
+        pytest.skip("Triton is not usable here")
+    assert resolve_backend("auto", "cuda", torch.bfloat16, 1e-8, problem(torch.bfloat16)).name == "triton"
+    assert resolve_backend("auto", "cuda", torch.float32, 1e-8, problem(torch.float32)).name == "reference"
+    assert resolve_backend("auto", "cuda", torch.float32, 1e-8, problem(torch.float32, True, 16384)).name == "triton"
+    # explicit names are never overridden by the rule
+    assert resolve_backend("triton", "cuda", torch.float32, 1e-8, problem(torch.float32)).name == "triton"
