@@ -68,21 +68,35 @@ def _has_fused_cross_sums(t: torch.Tensor) -> bool:
         torch._C._dispatch_has_kernel_for_dispatch_key("d2sm_ext::cross_sums", "CPU")
 
 
+def _triton_cross_sums(t: torch.Tensor):
+    """Triton's kernel (d2sm_ext.triton_backend.cross_sums) for CUDA tensors, when it loads."""
+    if t.device.type != "cuda":
+        return None
+    try:
+        from .triton_backend import cross_sums as triton_cross_sums
+    except Exception:  # Triton missing or broken: the PyTorch form below
+        return None
+    return triton_cross_sums
+
+
 def cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight=None, col_weight=None):
     """Weighted sums of the pair terms between row set R and column set C (docs/DESIGN.md §3.6).
 
     xr, yr: (R, d) rows and rxr, ryr their inverse norms; xc, yc, rxc, ryc the same for C.
     Returns (row_sums (4, R), col_sums (4, C)), float64: row_sums[:, i] = Σ_j wc_j T_ij and
     col_sums[:, j] = Σ_i wr_i T_ij (weights default to 1), T = (K', K, K'·log(K'/K), K·log(K/K')).
-    Columns are processed in chunks bounded by D2SM_PANEL_MB (never an R×C matrix at once). CPU
-    tensors take the C++ extension's fused kernel; other devices this chunked PyTorch form (a
-    Triton kernel for CUDA is future work). Autocast never lowers its precision.
+    Never an R×C matrix at once. CPU tensors take the C++ extension's fused kernel, CUDA tensors
+    Triton's (float64 and a missing Triton: this chunked PyTorch form, chunks bounded by
+    D2SM_PANEL_MB). Autocast never lowers its precision.
     """
     cdt = compute_dtype(xr.dtype)
     with torch.autocast(xr.device.type, enabled=False):
         if _has_fused_cross_sums(xr):
             return torch.ops.d2sm_ext.cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, float(eps), row_weight,
                                                  col_weight)
+        triton_sums = _triton_cross_sums(xr)
+        if triton_sums is not None and torch.promote_types(xr.dtype, xc.dtype) != torch.float64:
+            return triton_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps, row_weight, col_weight)
         xr, yr, xc, yc = (t.to(cdt) for t in (xr, yr, xc, yc))
         n_rows, n_cols = xr.shape[0], xc.shape[0]
         row_sums = torch.zeros(N_STATS, n_rows, dtype=torch.float64, device=xr.device)

@@ -311,6 +311,54 @@ def _grads(x, y, xm, ym, div, exclude_self, eps, tf32, weights, need_gx, need_gy
 
 
 # ----------------------------------------------------------------------------------------------
+# Queue statistics: the cross block's row and column sums (docs/DESIGN.md §3.6)
+# ----------------------------------------------------------------------------------------------
+def _cross_config(device: torch.device) -> dict:
+    if device.type == "cpu":  # interpreter
+        return dict(BM=32, BN=64, BK=64, num_warps=1, num_stages=1)
+    return dict(BM=64, BN=128, BK=32, num_warps=8, num_stages=3)
+
+
+def cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight=None, col_weight=None):
+    """queue_stats.cross_sums on the GPU: one Triton kernel over BM×BN tiles of the cross block
+    (both Gram tiles with fp32 accumulation; fp32 inputs with IEEE dots, so that a row's terms
+    added on enqueue and subtracted on eviction are the same numbers; fp16/bf16 on tensor
+    cores), fp32 partial sums per tile, added in float64 in a fixed order: deterministic, no
+    atomics. Memory: the partials, (C/BN)·4·R + (R/BM)·4·C floats — never an R×C matrix."""
+    n_rows, n_cols, d = xr.shape[0], xc.shape[0], xr.shape[1]
+    row_sums = torch.zeros(4, n_rows, dtype=torch.float64, device=xr.device)
+    col_sums = torch.zeros(4, n_cols, dtype=torch.float64, device=xr.device)
+    if n_rows == 0 or n_cols == 0:
+        return row_sums, col_sums
+    dtype = torch.promote_types(xr.dtype, xc.dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"cross_sums on Triton needs float32, float16 or bfloat16 rows, got {dtype}")
+    xr, yr, xc, yc = (t.to(dtype) for t in (xr, yr, xc, yc))
+    norms = [t.to(torch.float32).contiguous() for t in (rxr, ryr, rxc, ryc)]
+    weights = [None if w is None else w.to(torch.float32).contiguous() for w in (row_weight, col_weight)]
+    cfg = _cross_config(xr.device)
+    n_rb, n_cb = triton_cdiv(n_rows, cfg["BM"]), triton_cdiv(n_cols, cfg["BN"])
+    if n_cb > _MAX_GRID_Y:
+        raise ValueError(f"cross_sums on Triton handles at most {_MAX_GRID_Y * cfg['BN']} columns per call")
+    row_part = torch.empty(n_cb, 4, n_rows, dtype=torch.float32, device=xr.device)
+    col_part = torch.empty(n_rb, 4, n_cols, dtype=torch.float32, device=xr.device)
+    dummy = norms[0]
+    K.cross_sums_kernel[(n_rb, n_cb)](
+        xr, yr, xr.stride(0), xr.stride(1), yr.stride(0), yr.stride(1), n_rows,
+        xc, yc, xc.stride(0), xc.stride(1), yc.stride(0), yc.stride(1), n_cols, d,
+        *norms, weights[0] if weights[0] is not None else dummy, weights[1] if weights[1] is not None else dummy,
+        row_part, col_part, float(eps),
+        HAS_WR=weights[0] is not None, HAS_WC=weights[1] is not None,
+        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], PRECISION=_precision(dtype, False),
+        UPCAST=interpreter_active() and dtype == torch.bfloat16,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    row_sums += row_part.sum(dim=0, dtype=torch.float64)  # fixed-order reductions: deterministic
+    col_sums += col_part.sum(dim=0, dtype=torch.float64)
+    return row_sums, col_sums
+
+
+# ----------------------------------------------------------------------------------------------
 # Custom ops (torch.library): opaque to torch.compile; fake shapes and autograd in op_glue.
 # ----------------------------------------------------------------------------------------------
 def _nonfinite_problems(a: torch.Tensor, bn: torch.Tensor) -> torch.Tensor:

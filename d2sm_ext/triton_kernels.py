@@ -319,3 +319,74 @@ def panel_grad_kernel(
         acc = acc / scale[:, None]
     g = g_ptr + b * sg_b + rows[:, None] * sg_m + cols[None, :]
     tl.store(g, acc, mask=rows_ok[:, None] & cols_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Queue statistics (docs/DESIGN.md §3.6): the cross block's row and column sums of the pair terms.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def cross_sums_kernel(
+    xr_ptr, yr_ptr, s_xr_m, s_xr_d, s_yr_m, s_yr_d, R,
+    xc_ptr, yc_ptr, s_xc_m, s_xc_d, s_yc_m, s_yc_d, C, D,
+    rxr_ptr, ryr_ptr, rxc_ptr, ryc_ptr, wr_ptr, wc_ptr,
+    row_part_ptr, col_part_ptr, eps,
+    HAS_WR: tl.constexpr, HAS_WC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One BM×BN tile of the cross block between row set R and column set C: both Gram tiles
+    over d, the pair terms T = (K', K, K'·log(K'/K), K·log(K/K')), and their partial sums —
+    along the tile's columns, weighted by wc, into row_part[col block, k, rows] (n_cblocks, 4, R)
+    and down its rows, weighted by wr, into col_part[row block, k, cols] (n_rblocks, 4, C).
+    Every partial has one writer; the caller adds them up in a fixed order (no atomics)."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r.to(tl.int64) * BM + tl.arange(0, BM)
+    cols = pid_c.to(tl.int64) * BN + tl.arange(0, BN)
+    rows_ok = rows < R
+    cols_ok = cols < C
+    gx = tl.zeros((BM, BN), dtype=tl.float32)
+    gy = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, D, BK):
+        kk = (k + tl.arange(0, BK)).to(tl.int64)
+        k_ok = kk < D
+        a = tl.load(xr_ptr + rows[:, None] * s_xr_m + kk[None, :] * s_xr_d, mask=rows_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        b = tl.load(xc_ptr + cols[:, None] * s_xc_m + kk[None, :] * s_xc_d, mask=cols_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        gx += _dot(a, tl.trans(b), PRECISION, UPCAST)
+        a = tl.load(yr_ptr + rows[:, None] * s_yr_m + kk[None, :] * s_yr_d, mask=rows_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        b = tl.load(yc_ptr + cols[:, None] * s_yc_m + kk[None, :] * s_yc_d, mask=cols_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        gy += _dot(a, tl.trans(b), PRECISION, UPCAST)
+    rxi = tl.load(rxr_ptr + rows, mask=rows_ok, other=0.0)
+    ryi = tl.load(ryr_ptr + rows, mask=rows_ok, other=0.0)
+    rxj = tl.load(rxc_ptr + cols, mask=cols_ok, other=0.0)
+    ryj = tl.load(ryc_ptr + cols, mask=cols_ok, other=0.0)
+    ka = tl.maximum(0.5 + 0.5 * (gx * rxi[:, None] * rxj[None, :]), 0.0) + eps
+    kb = tl.maximum(0.5 + 0.5 * (gy * ryi[:, None] * ryj[None, :]), 0.0) + eps
+    lab = tl.log(ka / kb)
+    valid = rows_ok[:, None] & cols_ok[None, :]
+    if HAS_WC:
+        wc = tl.load(wc_ptr + cols, mask=cols_ok, other=0.0)
+    else:
+        wc = tl.where(cols_ok, 1.0, 0.0)
+    if HAS_WR:
+        wr = tl.load(wr_ptr + rows, mask=rows_ok, other=0.0)
+    else:
+        wr = tl.where(rows_ok, 1.0, 0.0)
+    row_base = row_part_ptr + pid_c.to(tl.int64) * 4 * R + rows
+    col_base = col_part_ptr + pid_r.to(tl.int64) * 4 * C + cols
+    for s in tl.static_range(4):
+        if s == 0:
+            t = ka
+        elif s == 1:
+            t = kb
+        elif s == 2:
+            t = ka * lab
+        else:
+            t = -kb * lab
+        t = tl.where(valid, t, 0.0)
+        tl.store(row_base + s * R, tl.sum(t * wc[None, :], axis=1), mask=rows_ok)
+        tl.store(col_base + s * C, tl.sum(t * wr[:, None], axis=0), mask=cols_ok)

@@ -223,13 +223,20 @@ def test_enqueue_does_not_sync(statistics, monkeypatch):
     assert calls == []
 
 
-@pytest.mark.parametrize("form", ["fused", "pytorch"])
+@pytest.mark.parametrize("form", ["c++", "triton", "pytorch"])
 @pytest.mark.parametrize("panel_mb", [None, "0.01"])
 def test_cross_sums_match_float64(form, panel_mb, monkeypatch):
-    """The C++ kernel (CPU tensors) and the chunked PyTorch form (other devices) against float64,
-    with signed row weights, column weights, a zero row, and (0.01 MiB) chunks of a few columns."""
+    """The C++ kernel (CPU tensors), Triton's (CUDA tensors; here in its interpreter) and the
+    chunked PyTorch form (other devices) against float64, with signed row weights, column
+    weights, a zero row, several tiles, and (0.01 MiB) chunks of a few columns."""
     if form == "pytorch":
         monkeypatch.setattr(queue_stats, "_has_fused_cross_sums", lambda t: False)
+    elif form == "triton":
+        triton_backend = pytest.importorskip("d2sm_ext.triton_backend", reason="Triton is not importable")
+        if not triton_backend.interpreter_active():
+            pytest.skip("Triton's kernel on CPU tensors needs TRITON_INTERPRET=1 (set without a GPU)")
+        monkeypatch.setattr(queue_stats, "_has_fused_cross_sums", lambda t: False)
+        monkeypatch.setattr(queue_stats, "_triton_cross_sums", lambda t: triton_backend.cross_sums)
     elif not queue_stats._has_fused_cross_sums(torch.zeros(1)):
         pytest.fail("the C++ extension's cross_sums kernel is not registered")
     if panel_mb:

@@ -22,4 +22,5 @@ def test_every_kernel_variant_compiles_for_sm90():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert proc.stdout.count("ok pair_panel_kernel") == 4 and proc.stdout.count("ok panel_grad_kernel") == 3
-    assert proc.stdout.count("ok ") == 10, proc.stdout
+    assert proc.stdout.count("ok cross_sums_kernel") == 2
+    assert proc.stdout.count("ok ") == 12, proc.stdout

@@ -11,7 +11,8 @@ from triton.compiler import ASTSource
 
 from d2sm_ext import triton_kernels as K
 
-INPUT_POINTERS = {"xl_ptr", "yl_ptr", "xm_ptr", "ym_ptr", "x_ptr", "xi_ptr", "yi_ptr"}
+INPUT_POINTERS = {"xl_ptr", "yl_ptr", "xm_ptr", "ym_ptr", "x_ptr", "xi_ptr", "yi_ptr", "xr_ptr", "yr_ptr", "xc_ptr",
+                  "yc_ptr"}
 PAIR_POINTERS = INPUT_POINTERS | {"part_ptr", "wx_ptr", "wy_ptr", "rx_ptr", "ry_ptr", "a_ptr", "bn_ptr", "lba_ptr", "w_ptr"}
 
 # (dtype, precision, divergence code, exclude_self, stats, grad x, grad y)
@@ -56,6 +57,12 @@ def main() -> int:
             consts = dict(BM=128, BN=128, BK=32, PRECISION=precision, UPCAST=False, SCALE_ROWS=dtype == "fp16")
             compile_kernel(K.panel_grad_kernel, dtype, consts, {"w_ptr", "xl_ptr", "xm_ptr", "g_ptr", "scale_ptr"})
             print(f"ok panel_grad_kernel {dtype} {precision} scale_rows={dtype == 'fp16'}")
+    for dtype, precision in (("fp32", "ieee"), ("bf16", "native")):  # queue statistics: the cross block
+        consts = dict(HAS_WR=True, HAS_WC=False, BM=64, BN=128, BK=32, PRECISION=precision, UPCAST=False)
+        compile_kernel(K.cross_sums_kernel, dtype, consts,
+                       {"xr_ptr", "yr_ptr", "xc_ptr", "yc_ptr", "rxr_ptr", "ryr_ptr", "rxc_ptr", "ryc_ptr", "wr_ptr",
+                        "wc_ptr", "row_part_ptr", "col_part_ptr"}, float_args=("eps",))
+        print(f"ok cross_sums_kernel {dtype} {precision}")
     for fn, pointers in PREPASS:
         consts = dict(BM=32, BD=128)
         if "ACCUMULATE" in fn.arg_names:
