@@ -371,8 +371,9 @@ std::tuple<Tensor, Tensor> fused_backward(const Tensor& x, const Tensor& y, cons
   st.ry = sv[1].contiguous();
   st.a = sv[2].contiguous();
   st.b = sv[3].contiguous();
-  st.s_x = weighted_rows(p, false, st.rx);
-  st.s_y = weighted_rows(p, true, st.ry);
+  // s = Σ_j x̂_j only for the sides whose gradient is asked (each is an O(M·d) pass)
+  if (need_gx) st.s_x = weighted_rows(p, false, st.rx);
+  if (need_gy) st.s_y = weighted_rows(p, true, st.ry);
   Tensor w = grad_rows.reshape({p.B, p.M}).to(p.dtype).contiguous();
   auto [gx, gy] = gradients(p, st, w, div, exclude_self, eps, need_gx, need_gy, false, sv[4], sv[5], nullptr);
   const Tensor bad = nonfinite_problems(st);

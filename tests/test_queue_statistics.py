@@ -253,3 +253,31 @@ def test_cross_sums_match_float64(form, panel_mb, monkeypatch):
     rows, cols = queue_stats.cross_sums(xr, yr, *norms[:2], xc, yc, *norms[2:], 1e-8, wr, wc)
     assert rows.dtype == cols.dtype == torch.float64
     assert rel_err(rows, want_rows) < 1e-6 and rel_err(cols, want_cols) < 1e-6
+
+
+def test_under_autocast_and_torch_compile():
+    """The queue path inside a bf16 autocast region, eager and under torch.compile (the queue is
+    a module argument: a graph break, not an error): float32 loss, the full pass's value, the same
+    parameter gradient."""
+    q = FeatureQueue(20, 8, statistics=True)
+    q.enqueue(torch.randn(20, 8), torch.randn(20, 8))
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 8)
+    xin, yf = torch.randn(6, 4), torch.randn(6, 8)
+
+    def step(inp, **memory):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return d2sm_ext.d2sm_divergence(net(inp), yf, **memory)
+
+    eager = step(xin, queue=q)
+    eager.backward()
+    g_eager = net.weight.grad.clone()
+    net.zero_grad()
+    xm, ym = q.memory()
+    full = step(xin, x_memory=xm, y_memory=ym)
+    compiled = torch.compile(step, backend="aot_eager")(xin, queue=q)
+    compiled.backward()
+    assert eager.dtype == compiled.dtype == torch.float32
+    assert_f32_close(eager, full.double(), "value vs the full pass")
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(net.weight.grad, g_eager, rtol=1e-4, atol=1e-7)
