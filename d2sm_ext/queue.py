@@ -36,6 +36,11 @@ from . import queue_stats
 from .reference import compute_dtype
 
 
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """Identifies a tensor's data as it is now (storage, view, in-place version)."""
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t._version)
+
+
 class FeatureQueue(nn.Module):
     """Ring buffers of ``size`` paired rows of ``dim`` features.
 
@@ -65,6 +70,10 @@ class FeatureQueue(nn.Module):
         self.register_buffer("write_pointer", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long, device=device))
         self._known_full = False  # host-side cache: once full, a queue stays full until reset()
+        # Host-side count of changes (enqueue, reset, load) and the sums a loss computed for live
+        # rows that may be enqueued next (see stash_live_sums).
+        self._state = 0
+        self._stash = None
         if not isinstance(statistics, bool):
             raise TypeError(f"statistics must be a bool, got {type(statistics).__name__}")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
@@ -88,6 +97,11 @@ class FeatureQueue(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._known_full = False  # the loaded fill count decides
+        self._changed()
+
+    def _changed(self) -> None:
+        self._state += 1
+        self._stash = None
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -100,6 +114,7 @@ class FeatureQueue(nn.Module):
             self.row_sums.zero_()
             self.row_inv_norms.zero_()
         self._known_full = False
+        self._changed()
 
     def _filled_count(self) -> int:
         if not self._known_full:
@@ -155,6 +170,8 @@ class FeatureQueue(nn.Module):
         if dist_helpers.resolve(distributed, group):
             both, _ = dist_helpers.all_gather_rows(torch.cat([x, y], dim=1), group)
             x, y = both[:, :self.dim], both[:, self.dim:]
+        reuse = self._take_stash(x, y)
+        self._changed()
         if x.shape[0] == 0:
             return
         finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y).all(dim=1)
@@ -174,7 +191,7 @@ class FeatureQueue(nn.Module):
         new_x = torch.where(takes[:, None], x[source], self.x_buffer[slots])
         new_y = torch.where(takes[:, None], y[source], self.y_buffer[slots])
         if self.statistics_enabled:
-            self._update_statistics(slots, takes, new_x, new_y)
+            self._update_statistics(slots, takes, new_x, new_y, source, reuse)
         self.x_buffer.index_copy_(0, slots, new_x)
         self.y_buffer.index_copy_(0, slots, new_y)
         self.write_pointer.copy_((self.write_pointer + n_valid) % self.size)
@@ -197,11 +214,31 @@ class FeatureQueue(nn.Module):
         self._require_statistics()
         return self.row_inv_norms[0, :filled], self.row_inv_norms[1, :filled]
 
+    def stash_live_sums(self, x: torch.Tensor, y: torch.Tensor, row_sums: torch.Tensor,
+                        col_sums: torch.Tensor) -> None:
+        """Called by the loss with the sums it formed for live rows (x, y) against the filled rows:
+        row_sums (4, N) over every filled row, col_sums (4, filled) over the finite live rows. If
+        the next enqueue brings these very tensors (unchanged, the queue unchanged in between), it
+        reuses them instead of recomputing the entering rows against the queue."""
+        if self.statistics_enabled:
+            self._stash = (_tensor_key(x), _tensor_key(y), self._state, row_sums, col_sums)
+
+    def _take_stash(self, x: torch.Tensor, y: torch.Tensor):
+        stash, self._stash = self._stash, None
+        if stash is None or x.shape[0] > self.size:
+            return None
+        key_x, key_y, state, row_sums, col_sums = stash
+        if state != self._state or key_x != _tensor_key(x) or key_y != _tensor_key(y):
+            return None
+        return row_sums, col_sums
+
     @torch.no_grad()
-    def _update_statistics(self, slots, takes, new_x, new_y) -> None:
+    def _update_statistics(self, slots, takes, new_x, new_y, source, reuse) -> None:
         """Before the slots are written: the entering rows' terms are added to every kept row's
         sums, the evicted rows' terms subtracted, and the entering rows' own sums formed over the
-        kept rows and the other entering rows. O(K·q·d) for K candidate slots; no host sync."""
+        kept rows and the other entering rows. O(K·q·d) for K candidate slots; no host sync.
+        With ``reuse`` (the loss's sums for these rows, see stash_live_sums) only the evicted rows
+        are taken against the queue."""
         eps = self.eps
         all_slots = torch.arange(self.size, device=slots.device)
         was_filled = all_slots < self.filled  # slots fill in order: 0 … filled − 1
@@ -212,15 +249,26 @@ class FeatureQueue(nn.Module):
         rx_new, ry_new = queue_stats.inverse_norms(new_x), queue_stats.inverse_norms(new_y)
         rx_old, ry_old = self.row_inv_norms[0, slots], self.row_inv_norms[1, slots]
         cdt = self.row_inv_norms.dtype
-        # rows: entering (weight +1 where it takes) and evicted (−1) against every slot
-        rows_x, rows_y = torch.cat([new_x, old_x]), torch.cat([new_y, old_y])
-        weight = torch.cat([takes.to(cdt), -evicted.to(cdt)])
-        row_sums, col_delta = queue_stats.cross_sums(
-            rows_x, rows_y, torch.cat([rx_new, rx_old]), torch.cat([ry_new, ry_old]),
-            self.x_buffer, self.y_buffer, self.row_inv_norms[0], self.row_inv_norms[1], eps,
-            row_weight=weight, col_weight=kept.to(cdt))
-        entering = row_sums[:, :slots.shape[0]] + queue_stats.block_sums(
-            new_x, new_y, rx_new, ry_new, eps, exclude_self=True, col_weight=takes.to(cdt))
+        new_new = queue_stats.block_sums(new_x, new_y, rx_new, ry_new, eps, exclude_self=True,
+                                         col_weight=takes.to(cdt))
+        if reuse is None:
+            # rows: entering (weight +1 where it takes) and evicted (−1) against every slot
+            rows_x, rows_y = torch.cat([new_x, old_x]), torch.cat([new_y, old_y])
+            weight = torch.cat([takes.to(cdt), -evicted.to(cdt)])
+            row_sums, col_delta = queue_stats.cross_sums(
+                rows_x, rows_y, torch.cat([rx_new, rx_old]), torch.cat([ry_new, ry_old]),
+                self.x_buffer, self.y_buffer, self.row_inv_norms[0], self.row_inv_norms[1], eps,
+                row_weight=weight, col_weight=kept.to(cdt))
+            entering = row_sums[:, :slots.shape[0]] + new_new
+        else:
+            live_rows, live_cols = reuse  # over every filled row; over the finite (= entering) rows
+            on_evicted, _ = queue_stats.cross_sums(new_x, new_y, rx_new, ry_new, old_x, old_y, rx_old, ry_old, eps,
+                                                   col_weight=evicted.to(cdt))
+            entering = live_rows[:, source] - on_evicted + new_new
+            _, col_delta = queue_stats.cross_sums(old_x, old_y, rx_old, ry_old, self.x_buffer, self.y_buffer,
+                                                  self.row_inv_norms[0], self.row_inv_norms[1], eps,
+                                                  row_weight=-evicted.to(cdt))
+            col_delta[:, :live_cols.shape[1]] += live_cols
         self.row_sums.add_(torch.where(kept, col_delta, 0.0))
         self.row_sums[:, slots] = torch.where(takes, entering, self.row_sums[:, slots])
         self.row_inv_norms[0, slots] = torch.where(takes, rx_new, rx_old)

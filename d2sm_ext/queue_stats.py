@@ -68,6 +68,13 @@ def _has_fused_cross_sums(t: torch.Tensor) -> bool:
         torch._C._dispatch_has_kernel_for_dispatch_key("d2sm_ext::cross_sums", "CPU")
 
 
+def _weighted(terms: torch.Tensor, weight) -> torch.Tensor:
+    """terms × weight, where a zero weight leaves its row or column out even if its terms are NaN."""
+    if weight is None:
+        return terms
+    return torch.where(weight != 0, terms * weight, 0.0)
+
+
 def _triton_cross_sums(t: torch.Tensor):
     """Triton's kernel (d2sm_ext.triton_backend.cross_sums) for CUDA tensors, when it loads."""
     if t.device.type != "cuda":
@@ -84,7 +91,8 @@ def cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight=None, 
 
     xr, yr: (R, d) rows and rxr, ryr their inverse norms; xc, yc, rxc, ryc the same for C.
     Returns (row_sums (4, R), col_sums (4, C)), float64: row_sums[:, i] = Σ_j wc_j T_ij and
-    col_sums[:, j] = Σ_i wr_i T_ij (weights default to 1), T = (K', K, K'·log(K'/K), K·log(K/K')).
+    col_sums[:, j] = Σ_i wr_i T_ij (weights default to 1), T = (K', K, K'·log(K'/K), K·log(K/K'));
+    a zero weight leaves its row or column out even where its terms are NaN.
     Never an R×C matrix at once. CPU tensors take the C++ extension's fused kernel, CUDA tensors
     Triton's (float64 and a missing Triton: this chunked PyTorch form, chunks bounded by
     D2SM_PANEL_MB). Autocast never lowers its precision.
@@ -109,8 +117,8 @@ def cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight=None, 
             c1 = min(n_cols, c0 + step)
             terms = pair_terms(xr @ xc[c0:c1].T, yr @ yc[c0:c1].T, rxr, ryr, rxc[c0:c1], ryc[c0:c1], eps)
             wc = None if col_weight is None else col_weight[c0:c1].to(cdt)
-            row_sums += (terms if wc is None else terms * wc).sum(dim=2, dtype=torch.float64)
-            col_sums[:, c0:c1] = (terms if wr is None else terms * wr[:, None]).sum(dim=1, dtype=torch.float64)
+            row_sums += _weighted(terms, wc).sum(dim=2, dtype=torch.float64)
+            col_sums[:, c0:c1] = _weighted(terms, None if wr is None else wr[:, None]).sum(dim=1, dtype=torch.float64)
         return row_sums, col_sums
 
 
@@ -153,7 +161,7 @@ def _block_rows(xs, ys, rx, ry, eps, exclude_self, wc, step, out) -> None:
             idx = torch.arange(r0, r1, device=xs.device)
             terms[:, idx - r0, idx] = 0.0
         if wc is not None:
-            terms = terms * wc
+            terms = _weighted(terms, wc)
         out[:, r0:r1] = terms.sum(dim=2, dtype=torch.float64)
 
 
@@ -172,14 +180,18 @@ class QueueDivergence(torch.autograd.Function):
         rxm, rym = queue.inverse_norms(filled)
         if rxm.dtype != cdt:  # x promoted past the queue's dtype: norms in the wider dtype, as the full pass
             rxm, rym = inverse_norms(xm.to(cdt)), inverse_norms(ym.to(cdt))
-        live_q, queue_l = cross_sums(x, y, rx, ry, xm, ym, rxm, rym, eps)
+        # Column sums over the finite live rows only: exactly what an enqueue of these rows adds to
+        # the queue rows, so the queue can reuse them (a row with a NaN makes the loss NaN anyway).
+        finite_rows = torch.isfinite(x).all(dim=1) & torch.isfinite(y).all(dim=1)
+        live_q, queue_l = cross_sums(x, y, rx, ry, xm, ym, rxm, rym, eps, row_weight=finite_rows.to(cdt))
+        queue.stash_live_sums(x, y, live_q, queue_l)
         live_totals = live_q + block_sums(x, y, rx, ry, eps, exclude_self)
         queue_totals = queue.statistics(filled) + queue_l
         if not exclude_self:
             queue_totals = queue_totals + self_terms(rxm, rym, eps)
         totals = torch.cat([live_totals, queue_totals], dim=1)
         rows, ubar, vbar = divergence_rows(totals, divergence)
-        finite = torch.isfinite(x).all() & torch.isfinite(y).all()  # queue rows are always finite
+        finite = finite_rows.all()  # queue rows are always finite
         rows = torch.where(finite, rows.clamp_min(0.0), math.nan)  # docs/DESIGN.md §2.5, §2.6
         m = n + filled
         if reduction == "mean":

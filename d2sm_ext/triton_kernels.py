@@ -337,7 +337,8 @@ def cross_sums_kernel(
     """One BM×BN tile of the cross block between row set R and column set C: both Gram tiles
     over d, the pair terms T = (K', K, K'·log(K'/K), K·log(K/K')), and their partial sums —
     along the tile's columns, weighted by wc, into row_part[col block, k, rows] (n_cblocks, 4, R)
-    and down its rows, weighted by wr, into col_part[row block, k, cols] (n_rblocks, 4, C).
+    and down its rows, weighted by wr, into col_part[row block, k, cols] (n_rblocks, 4, C). A zero
+    weight leaves its row or column out even where its terms are NaN.
     Every partial has one writer; the caller adds them up in a fixed order (no atomics)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -388,5 +389,6 @@ def cross_sums_kernel(
         else:
             t = -kb * lab
         t = tl.where(valid, t, 0.0)
-        tl.store(row_base + s * R, tl.sum(t * wc[None, :], axis=1), mask=rows_ok)
-        tl.store(col_base + s * C, tl.sum(t * wr[:, None], axis=0), mask=cols_ok)
+        # a zero weight leaves its row or column out, even where its terms are NaN
+        tl.store(row_base + s * R, tl.sum(tl.where(wc[None, :] != 0, t * wc[None, :], 0.0), axis=1), mask=rows_ok)
+        tl.store(col_base + s * C, tl.sum(tl.where(wr[:, None] != 0, t * wr[:, None], 0.0), axis=0), mask=cols_ok)

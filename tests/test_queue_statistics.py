@@ -281,3 +281,38 @@ def test_under_autocast_and_torch_compile():
     assert_f32_close(eager, full.double(), "value vs the full pass")
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(net.weight.grad, g_eager, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_enqueue_after_the_loss_reuses_its_sums_and_stays_exact(dtype, monkeypatch):
+    """The training-loop order (loss over the batch and the queue, then enqueue of the same
+    tensors) reuses the loss's sums for the entering rows: only the evicted rows are taken
+    against the queue. Over 300 steps with non-finite rows, oversize batches (no reuse) and a
+    batch modified in place after the loss (no reuse: its version changed), the kept sums equal
+    those of a twin queue fed the same batches without any loss, and an exact recomputation."""
+    reused = []
+    real = FeatureQueue._take_stash
+    monkeypatch.setattr(FeatureQueue, "_take_stash", lambda self, x, y: (lambda r: (reused.append(r is not None), r)[1])(
+        real(self, x, y)))
+    size, dim = 29, 6
+    q = FeatureQueue(size, dim, dtype=dtype, statistics=True)
+    twin = FeatureQueue(size, dim, dtype=dtype, statistics=True)
+    g = torch.Generator().manual_seed(11)
+    for step in range(300):
+        n = int(torch.randint(1, 12, (1,), generator=g)) if step % 25 else size + 3
+        x, y = _random_batch(g, n, dim, dtype, nonfinite=step % 9 == 0)
+        if len(q) >= 2:
+            x.requires_grad_(True)
+            loss = d2sm_ext.d2sm_divergence(x, y, queue=q)
+            if torch.isfinite(x).all() and torch.isfinite(y).all():
+                loss.backward()
+            x = x.detach()
+            if step % 13 == 0:
+                x.mul_(1.0)  # same values, new version: the stash must not be used
+        q.enqueue(x, y)
+        twin.enqueue(x, y)
+    assert sum(reused) > 150 and not all(reused)
+    assert rel_err(q.row_sums, twin.row_sums) < (1e-12 if dtype == torch.float64 else 1e-6)
+    kept = q.row_sums.clone()
+    q.refresh_statistics()
+    assert rel_err(kept, q.row_sums) < (1e-12 if dtype == torch.float64 else 1e-6)

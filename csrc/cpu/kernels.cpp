@@ -345,6 +345,7 @@ void cross_sums_panel(const T* gx, const T* gy, int64_t nr, int64_t nc, const T*
     T* mine = partial.data() + size_t(at::get_thread_num()) * 4 * nc;
     for (int64_t i = begin; i < end; ++i) {
       const T rxi = rxr[i], ryi = ryr[i], wi = wr ? wr[i] : T(1);
+      const bool use_i = wi != T(0);
       const T* __restrict__ row_x = gx + i * nc;
       const T* __restrict__ row_y = gy + i * nc;
       T* __restrict__ col_a = mine;
@@ -359,15 +360,17 @@ void cross_sums_panel(const T* gx, const T* gy, int64_t nr, int64_t nc, const T*
           const int64_t j = j0 + k;
           const PairKernel<T> pk = pair_kernel(row_x[j] * rxi * rxc[j], row_y[j] * ryi * ryc[j], eps, VectorLog{});
           const T ta = pk.ka, tb = pk.kb, tc = pk.ka * pk.lab, td = -pk.kb * pk.lab;
+          // a zero weight leaves its row or column out, even where its terms are NaN
           const T wj = wc ? wc[j] : T(1);
-          t_a[k] = wj * ta;
-          t_b[k] = wj * tb;
-          t_c[k] = wj * tc;
-          t_d[k] = wj * td;
-          col_a[j] += wi * ta;
-          col_b[j] += wi * tb;
-          col_c[j] += wi * tc;
-          col_d[j] += wi * td;
+          const bool use_j = wj != T(0);
+          t_a[k] = use_j ? wj * ta : T(0);
+          t_b[k] = use_j ? wj * tb : T(0);
+          t_c[k] = use_j ? wj * tc : T(0);
+          t_d[k] = use_j ? wj * td : T(0);
+          col_a[j] += use_i ? wi * ta : T(0);
+          col_b[j] += use_i ? wi * tb : T(0);
+          col_c[j] += use_i ? wi * tc : T(0);
+          col_d[j] += use_i ? wi * td : T(0);
         }
         for (int64_t k = 0; k < n; ++k) {
           sa += double(t_a[k]);
