@@ -157,9 +157,17 @@ static void mm_into(Tensor out, const Tensor& a, const Tensor& b, const Problem&
 }
 
 // Raw Gram panel (bc, nr, M) of `rows` (bc, nr, d) against both segments of problems b0…b0+bc.
-static void gram_panel(const Problem& p, bool is_y, int64_t b0, int64_t bc, const Tensor& rows, const Tensor& out) {
+// Live rows r0… of a panel take the memory columns from the caller's Gram blocks when given.
+static void gram_panel(const Problem& p, bool is_y, int64_t b0, int64_t bc, const Tensor& rows, const Tensor& out,
+                       int64_t live_r0 = -1) {
   mm_into(out.narrow(2, 0, p.N), rows, mm_segment(p, is_y, false).narrow(0, b0, bc).transpose(1, 2), p);
-  if (p.Q) mm_into(out.narrow(2, p.N, p.Q), rows, mm_segment(p, is_y, true).narrow(0, b0, bc).transpose(1, 2), p);
+  if (!p.Q) return;
+  const Tensor& given = is_y ? p.gram_y_memory : p.gram_x_memory;
+  if (live_r0 >= 0 && given.defined()) {
+    out.narrow(2, p.N, p.Q).copy_(given.narrow(0, b0, bc).narrow(1, live_r0, rows.size(1)));
+  } else {
+    mm_into(out.narrow(2, p.N, p.Q), rows, mm_segment(p, is_y, true).narrow(0, b0, bc).transpose(1, 2), p);
+  }
 }
 
 // Powers of two (bc, nr) that bring each row's largest |W'| into [2^13, 2^14) (1 for a zero or
@@ -236,8 +244,9 @@ static Tensor pair_pass(const Problem& p, const RowStats& st, const Tensor& w, i
         // contiguous (bc, nr, M) views of the buffers' start
         Tensor px = sx.view(-1).narrow(0, 0, bc * nr * p.M).view({bc, nr, p.M});
         Tensor py = sy.view(-1).narrow(0, 0, bc * nr * p.M).view({bc, nr, p.M});
-        gram_panel(p, false, b0, bc, mm_segment(p, false, memory).narrow(0, b0, bc).narrow(1, r0, nr), px);
-        gram_panel(p, true, b0, bc, mm_segment(p, true, memory).narrow(0, b0, bc).narrow(1, r0, nr), py);
+        const int64_t live_r0 = memory ? -1 : r0;
+        gram_panel(p, false, b0, bc, mm_segment(p, false, memory).narrow(0, b0, bc).narrow(1, r0, nr), px, live_r0);
+        gram_panel(p, true, b0, bc, mm_segment(p, true, memory).narrow(0, b0, bc).narrow(1, r0, nr), py, live_r0);
         epilogue(div, px, py, b0, offset + r0, st.rx, st.ry, cols, exclude_self, eps, gx_here, gy_here, stats);
         if (gx_here) grad_panel(p, false, b0, bc, px, gx.narrow(0, b0, bc).narrow(1, r0, nr));
         if (gy_here) grad_panel(p, true, b0, bc, py, gy.narrow(0, b0, bc).narrow(1, r0, nr));
@@ -355,14 +364,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward(
   return {value.clone(), saved, grad_or_empty(gx, x, p.dtype), grad_or_empty(gy, y, p.dtype)};
 }
 
-std::tuple<Tensor, Tensor> fused_backward(const Tensor& x, const Tensor& y, const std::optional<Tensor>& x_memory,
-                                          const std::optional<Tensor>& y_memory, const Tensor& saved,
-                                          const Tensor& grad_rows, std::string divergence, bool exclude_self,
-                                          double eps, bool tf32, bool need_gx, bool need_gy) {
-  const int div = divergence_code(divergence);
-  const c10::OptionalDeviceGuard device_guard(x.device());
-  const CublasTf32Scope tf32_scope(x.is_cuda(), tf32);
-  Problem p = prepare(x, y, x_memory, y_memory);
+// The backward pass from saved statistics; `p` may carry the caller's Gram blocks.
+static std::tuple<Tensor, Tensor> backward_pass(const Tensor& x, const Tensor& y, Problem& p, const Tensor& saved,
+                                                const Tensor& grad_rows, int div, bool exclude_self, double eps,
+                                                bool need_gx, bool need_gy) {
   TORCH_CHECK(saved.dim() == 3 && saved.size(0) == 6 && saved.size(1) == p.B && saved.size(2) == p.M,
               "saved statistics must be (6, B, M)");
   Tensor sv = saved.to(p.dtype).contiguous();
@@ -378,6 +383,39 @@ std::tuple<Tensor, Tensor> fused_backward(const Tensor& x, const Tensor& y, cons
   auto [gx, gy] = gradients(p, st, w, div, exclude_self, eps, need_gx, need_gy, false, sv[4], sv[5], nullptr);
   const Tensor bad = nonfinite_problems(st);
   return {grad_or_empty(nan_where(bad, gx), x, p.dtype), grad_or_empty(nan_where(bad, gy), y, p.dtype)};
+}
+
+std::tuple<Tensor, Tensor> fused_backward(const Tensor& x, const Tensor& y, const std::optional<Tensor>& x_memory,
+                                          const std::optional<Tensor>& y_memory, const Tensor& saved,
+                                          const Tensor& grad_rows, std::string divergence, bool exclude_self,
+                                          double eps, bool tf32, bool need_gx, bool need_gy) {
+  const int div = divergence_code(divergence);
+  const c10::OptionalDeviceGuard device_guard(x.device());
+  const CublasTf32Scope tf32_scope(x.is_cuda(), tf32);
+  Problem p = prepare(x, y, x_memory, y_memory);
+  return backward_pass(x, y, p, saved, grad_rows, div, exclude_self, eps, need_gx, need_gy);
+}
+
+// fused_backward for the queue statistics path (docs/DESIGN.md §3.6): the raw Gram blocks of the
+// live rows against the memory rows, (N, Q) or (B, N, Q), come from the caller's cross block, so
+// the panels copy them instead of recomputing two N×Q×d products.
+std::tuple<Tensor, Tensor> fused_backward_cross(const Tensor& x, const Tensor& y, const Tensor& x_memory,
+                                                const Tensor& y_memory, const Tensor& saved, const Tensor& grad_rows,
+                                                std::string divergence, bool exclude_self, double eps, bool tf32,
+                                                bool need_gx, bool need_gy, const Tensor& gram_x,
+                                                const Tensor& gram_y) {
+  const int div = divergence_code(divergence);
+  const c10::OptionalDeviceGuard device_guard(x.device());
+  const CublasTf32Scope tf32_scope(x.is_cuda(), tf32);
+  Problem p = prepare(x, y, x_memory, y_memory);
+  const std::vector<int64_t> shape{p.B, p.N, p.Q};
+  for (const Tensor* g : {&gram_x, &gram_y}) {
+    TORCH_CHECK(g->numel() == p.B * p.N * p.Q && g->device() == x.device(),
+                "fused_backward_cross: the Gram blocks must be (N, Q) or (B, N, Q) on x's device, got ", g->sizes());
+  }
+  p.gram_x_memory = gram_x.reshape(shape).to(p.dtype);
+  p.gram_y_memory = gram_y.reshape(shape).to(p.dtype);
+  return backward_pass(x, y, p, saved, grad_rows, div, exclude_self, eps, need_gx, need_gy);
 }
 
 }  // namespace d2sm_ext

@@ -26,6 +26,10 @@ struct Problem {
   int64_t B, N, Q, M, D;
   at::ScalarType dtype;     // compute dtype
   at::ScalarType mm_dtype;  // GEMM operand dtype
+  // Optional raw Gram blocks of the live rows against the memory rows, (B, N, Q) in the compute
+  // dtype, computed by the caller (the queue statistics' cross block): the panels copy them
+  // instead of multiplying again (fused_backward_cross).
+  Tensor gram_x_memory, gram_y_memory;
 };
 
 // Per-row statistics before the pairwise pass (docs/DESIGN.md §3.1): inverse norms r, the
@@ -107,5 +111,9 @@ std::tuple<Tensor, Tensor> fused_backward(const Tensor& x, const Tensor& y, cons
                                           const std::optional<Tensor>& y_memory, const Tensor& saved,
                                           const Tensor& grad_rows, std::string divergence, bool exclude_self,
                                           double eps, bool tf32, bool need_gx, bool need_gy);
+std::tuple<Tensor, Tensor> fused_backward_cross(const Tensor& x, const Tensor& y, const Tensor& x_memory,
+                                                const Tensor& y_memory, const Tensor& saved, const Tensor& grad_rows,
+                                                std::string divergence, bool exclude_self, double eps, bool tf32,
+                                                bool need_gx, bool need_gy, const Tensor& gram_x, const Tensor& gram_y);
 
 }  // namespace d2sm_ext

@@ -22,6 +22,11 @@ TORCH_LIBRARY(d2sm_ext, m) {
         "str divergence, bool exclude_self, float eps, bool tf32, bool need_gx, bool need_gy) -> (Tensor, Tensor)");
   // Queue statistics (docs/DESIGN.md §3.6): weighted row and column sums of the pair terms
   // K', K, K'·log(K'/K), K·log(K/K') between row set R and column set C, float64 (4, R), (4, C).
+  // keep_gram: also return the raw Gram blocks (R, C) of x and y (empty otherwise), which
+  // fused_backward_cross takes instead of multiplying the live rows against the memory again.
   m.def("cross_sums(Tensor xr, Tensor yr, Tensor rxr, Tensor ryr, Tensor xc, Tensor yc, Tensor rxc, Tensor ryc, "
-        "float eps, Tensor? row_weight, Tensor? col_weight) -> (Tensor, Tensor)");
+        "float eps, Tensor? row_weight, Tensor? col_weight, bool keep_gram) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("fused_backward_cross(Tensor x, Tensor y, Tensor x_memory, Tensor y_memory, Tensor saved, Tensor grad_rows, "
+        "str divergence, bool exclude_self, float eps, bool tf32, bool need_gx, bool need_gy, Tensor gram_x, "
+        "Tensor gram_y) -> (Tensor, Tensor)");
 }

@@ -101,7 +101,7 @@ def cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight=None, 
     with torch.autocast(xr.device.type, enabled=False):
         if _has_fused_cross_sums(xr):
             return torch.ops.d2sm_ext.cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, float(eps), row_weight,
-                                                 col_weight)
+                                                 col_weight, False)[:2]
         triton_sums = _triton_cross_sums(xr)
         if triton_sums is not None and torch.promote_types(xr.dtype, xc.dtype) != torch.float64:
             return triton_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps, row_weight, col_weight)
@@ -165,6 +165,22 @@ def _block_rows(xs, ys, rx, ry, eps, exclude_self, wc, step, out) -> None:
         out[:, r0:r1] = terms.sum(dim=2, dtype=torch.float64)
 
 
+# The C++ cross block may hand its N×q Gram blocks to the gradient (fused_backward_cross) when
+# both fit in this many bytes: two N×q×d products fewer per step.
+KEEP_GRAM_BYTES = 1 << 30
+
+
+def _gram_handover(x, xm, reduction: str, backward_op) -> bool:
+    """Whether the forward keeps the cross block's Gram blocks for the gradient: CPU tensors with
+    the C++ extension's backward op, a gradient formed in the forward (mean/sum), and blocks
+    within KEEP_GRAM_BYTES."""
+    if reduction == "none" or backward_op is not getattr(torch.ops.d2sm_ext, "fused_backward", None):
+        return False
+    if not _has_fused_cross_sums(x):
+        return False
+    return 2 * x.shape[0] * xm.shape[0] * compute_dtype(x.dtype).itemsize <= KEEP_GRAM_BYTES
+
+
 class QueueDivergence(torch.autograd.Function):
     """The loss over (live rows, queue rows) from the queue's kept statistics. Forward: values
     (and, for "mean"/"sum", the gradient through the backend's backward op, as the fused ops do);
@@ -183,7 +199,14 @@ class QueueDivergence(torch.autograd.Function):
         # Column sums over the finite live rows only: exactly what an enqueue of these rows adds to
         # the queue rows, so the queue can reuse them (a row with a NaN makes the loss NaN anyway).
         finite_rows = torch.isfinite(x).all(dim=1) & torch.isfinite(y).all(dim=1)
-        live_q, queue_l = cross_sums(x, y, rx, ry, xm, ym, rxm, rym, eps, row_weight=finite_rows.to(cdt))
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        handover = (need_x or need_y) and _gram_handover(x, xm, reduction, backward_op)
+        if handover:
+            with torch.autocast(x.device.type, enabled=False):
+                live_q, queue_l, gram_x, gram_y = torch.ops.d2sm_ext.cross_sums(
+                    x, y, rx, ry, xm, ym, rxm, rym, eps, finite_rows.to(cdt), None, True)
+        else:
+            live_q, queue_l = cross_sums(x, y, rx, ry, xm, ym, rxm, rym, eps, row_weight=finite_rows.to(cdt))
         queue.stash_live_sums(x, y, live_q, queue_l)
         live_totals = live_q + block_sums(x, y, rx, ry, eps, exclude_self)
         queue_totals = queue.statistics(filled) + queue_l
@@ -203,10 +226,16 @@ class QueueDivergence(torch.autograd.Function):
         saved = torch.stack([torch.cat([rx, rxm]), torch.cat([ry, rym]), totals[0].to(cdt), totals[1].to(cdt),
                              ubar.to(cdt), vbar.to(cdt)])[:, None, :]
         ctx.options = (divergence, exclude_self, eps, tf32, reduction, backward_op, x.dtype, y.dtype)
-        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if weights is not None and (need_x or need_y):
-            gx, gy = backward_op(x.detach(), y.detach(), xm, ym, saved, weights, divergence, exclude_self, eps, tf32,
-                                 need_x, need_y)
+            if handover:  # an op without an autocast kernel: autocast is switched off around it
+                with torch.autocast(x.device.type, enabled=False):
+                    gx, gy = torch.ops.d2sm_ext.fused_backward_cross(
+                        x.detach(), y.detach(), xm, ym, saved, weights, divergence, exclude_self, eps, tf32, need_x,
+                        need_y, gram_x, gram_y)
+                del gram_x, gram_y
+            else:
+                gx, gy = backward_op(x.detach(), y.detach(), xm, ym, saved, weights, divergence, exclude_self, eps,
+                                     tf32, need_x, need_y)
             nan = torch.where(finite, 0.0, math.nan)  # a non-finite input: NaN gradients too
             ctx.save_for_backward(gx + nan if need_x else gx, gy + nan if need_y else gy)
         else:

@@ -393,10 +393,11 @@ void cross_sums_panel(const T* gx, const T* gy, int64_t nr, int64_t nc, const T*
   }
 }
 
-std::tuple<Tensor, Tensor> cross_sums_cpu(const Tensor& xr, const Tensor& yr, const Tensor& rxr, const Tensor& ryr,
-                                          const Tensor& xc, const Tensor& yc, const Tensor& rxc, const Tensor& ryc,
-                                          double eps, const std::optional<Tensor>& row_weight,
-                                          const std::optional<Tensor>& col_weight) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> cross_sums_cpu(const Tensor& xr, const Tensor& yr, const Tensor& rxr,
+                                                          const Tensor& ryr, const Tensor& xc, const Tensor& yc,
+                                                          const Tensor& rxc, const Tensor& ryc, double eps,
+                                                          const std::optional<Tensor>& row_weight,
+                                                          const std::optional<Tensor>& col_weight, bool keep_gram) {
   TORCH_CHECK(xr.dim() == 2 && xr.sizes() == yr.sizes() && xc.dim() == 2 && xc.sizes() == yc.sizes() &&
                   xr.size(1) == xc.size(1),
               "cross_sums: rows (R, d) and columns (C, d) with the same d");
@@ -404,29 +405,34 @@ std::tuple<Tensor, Tensor> cross_sums_cpu(const Tensor& xr, const Tensor& yr, co
   const int64_t R = xr.size(0), C = xc.size(0);
   const auto opts = xr.options().dtype(at::kDouble);
   Tensor row_sums = at::zeros({4, R}, opts), col_sums = at::zeros({4, C}, opts);
-  if (R == 0 || C == 0) return {row_sums, col_sums};
+  const Tensor none = at::empty({0}, xr.options().dtype(dtype));
+  if (R == 0 || C == 0) return {row_sums, col_sums, keep_gram ? at::zeros({R, C}, none.options()) : none,
+                                keep_gram ? at::zeros({R, C}, none.options()) : none};
   auto prep = [&](const Tensor& t) { return t.to(dtype).contiguous(); };
   const Tensor xr_ = prep(xr), yr_ = prep(yr), xc_ = prep(xc), yc_ = prep(yc);
   const Tensor rxr_ = prep(rxr), ryr_ = prep(ryr), rxc_ = prep(rxc), ryc_ = prep(ryc);
   const Tensor wr = row_weight ? prep(*row_weight) : Tensor(), wc = col_weight ? prep(*col_weight) : Tensor();
   // Column chunks: the two Gram panels (R × chunk) within the panel budget (D2SM_PANEL_MB).
-  const int64_t chunk = std::clamp<int64_t>(panel_budget_bytes(false) / std::max<int64_t>(2 * R * xr_.element_size(), 1),
-                                            64, C);
-  Tensor gx = at::empty({R, chunk}, xr_.options()), gy = at::empty({R, chunk}, xr_.options());
+  // keep_gram: one chunk of all C columns (the caller decided it fits).
+  const int64_t chunk = keep_gram ? C : std::clamp<int64_t>(
+      panel_budget_bytes(false) / std::max<int64_t>(2 * R * xr_.element_size(), 1), 64, C);
+  Tensor gx, gy;
   AT_DISPATCH_FLOATING_TYPES(dtype, "d2sm_cross_sums_cpu", [&] {
     using T = scalar_t;
     for (int64_t c0 = 0; c0 < C; c0 += chunk) {
       const int64_t nc = std::min(chunk, C - c0);
-      Tensor px = gx.view(-1).narrow(0, 0, R * nc).view({R, nc}), py = gy.view(-1).narrow(0, 0, R * nc).view({R, nc});
-      at::mm_out(px, xr_, xc_.narrow(0, c0, nc).t());
-      at::mm_out(py, yr_, yc_.narrow(0, c0, nc).t());
+      // at::mm, not mm_out into a reused buffer: measured ~25% faster here (MKL, 64×1280×16320)
+      gx = at::mm(xr_, xc_.narrow(0, c0, nc).t());
+      gy = at::mm(yr_, yc_.narrow(0, c0, nc).t());
+      const Tensor& px = gx;
+      const Tensor& py = gy;
       cross_sums_panel<T>(px.data_ptr<T>(), py.data_ptr<T>(), R, nc, rxr_.data_ptr<T>(), ryr_.data_ptr<T>(),
                           rxc_.data_ptr<T>() + c0, ryc_.data_ptr<T>() + c0, wr.defined() ? wr.data_ptr<T>() : nullptr,
                           wc.defined() ? wc.data_ptr<T>() + c0 : nullptr, T(eps), row_sums.data_ptr<double>(), R,
                           col_sums.data_ptr<double>(), C, c0);
     }
   });
-  return {row_sums, col_sums};
+  return {row_sums, col_sums, keep_gram ? gx : none, keep_gram ? gy : none};
 }
 
 }  // namespace
@@ -439,6 +445,7 @@ TORCH_LIBRARY_IMPL(d2sm_ext, CPU, m) {
   m.impl("fused_forward", &fused_forward);
   m.impl("fused_backward", &fused_backward);
   m.impl("cross_sums", &cross_sums_cpu);
+  m.impl("fused_backward_cross", &fused_backward_cross);
 }
 
 }  // namespace d2sm_ext
