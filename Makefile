@@ -26,9 +26,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(VPY) -m pytest -q -m "not slow" tests
 
-# Benchmarks (not part of `make test`): the comparison table + sweep plots, then pytest-benchmark.
+# Benchmarks (not part of `make test`): the comparison table + sweep plots, the queue steps, then pytest-benchmark.
 bench: $(STAMP)
 	$(VPY) -m benchmarks.compare --out out/bench
+	$(VPY) -m benchmarks.queue_steps --out out/bench
 	$(VPY) -m pytest -q benchmarks --benchmark-json=out/bench/pytest_benchmark.json
 
 demo: $(STAMP)
