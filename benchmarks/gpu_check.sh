@@ -34,7 +34,7 @@ stage "GPU tests"
 # Default: the CUDA rows of the backend matrix (cuda and triton vs the reference; mixed precision
 # and input hygiene on CUDA), the cuda backend's own GPU tests, and Triton's launch tests.
 # The slow multi-block parity grid is left to a second run (GPU_TESTS_K="cuda").
-GPU_TESTS=${GPU_TESTS:-tests/test_backend_matrix.py tests/test_mixed_precision.py tests/test_input_hygiene.py tests/test_cuda_build.py tests/test_cuda_on_gpu.py tests/test_triton_kernels.py}
+GPU_TESTS=${GPU_TESTS:-tests/test_backend_matrix.py tests/test_mixed_precision.py tests/test_input_hygiene.py tests/test_queue_statistics.py tests/test_cuda_build.py tests/test_cuda_on_gpu.py tests/test_triton_kernels.py}
 GPU_TESTS_K=${GPU_TESTS_K-cuda and not multi_block}
 XDIST=""; [ "${TEST_WORKERS:-12}" != "0" ] && XDIST="-n ${TEST_WORKERS:-12}"  # pytest-xdist: compile in parallel
 timeout ${TEST_TIMEOUT:-150} $PY -m pytest -q -x -p no:cacheprovider $XDIST $GPU_TESTS -k "$GPU_TESTS_K" \
@@ -49,6 +49,11 @@ stage "benchmark"
 # (ratios mean something only within one run); BENCH_ARGS="--no-compile ..." drops the compile baseline.
 timeout ${BENCH_TIMEOUT:-240} $PY -m benchmarks.compare --device cuda --out "$OUT" ${BENCH_ARGS:---reps 10 --budget 8} \
   >"$OUT/bench.log" 2>&1; echo "bench exit $?"
+
+stage "queue statistics (q = 2^20, d = 1280, N = 256, bf16)"
+timeout ${QUEUE_TIMEOUT:-90} $PY -m benchmarks.queue_steps --device cuda --n 256 --dim 1280 --sizes 1048576 \
+  --dtype bfloat16 --full-up-to 0 --exact-up-to 0 --reps 5 --no-memory --out "$OUT" >"$OUT/queue.log" 2>&1
+echo "queue exit $?"; tail -3 "$OUT/queue.log"
 
 stage "summary"
 cat "$OUT/compare_cuda.md" 2>/dev/null || tail -40 "$OUT/bench.log"

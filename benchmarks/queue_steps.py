@@ -30,12 +30,12 @@ def make_queue(size: int, dim: int, device: str, dtype: torch.dtype, statistics:
     ``exact_up_to`` rows; beyond, they are placeholders of the right size and magnitude: the
     per-step time does not depend on their values, and an exact fill would take longer than the
     benchmark (tests/test_queue_statistics.py checks exactness)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # rows made on the device: no host copy of q×d
     queue = d2sm_ext.FeatureQueue(size, dim, dtype=dtype, device=device, statistics=statistics)
-    x = torch.randn(size, dim, generator=g).to(device, dtype)
+    x = torch.randn(size, dim, generator=g, device=device).to(dtype)
     with torch.no_grad():
         queue.x_buffer.copy_(x)
-        queue.y_buffer.copy_(x + 0.7 * torch.randn(size, dim, generator=g).to(device, dtype))
+        queue.y_buffer.copy_(x + 0.7 * torch.randn(size, dim, generator=g, device=device).to(dtype))
         queue.filled.fill_(size)
     if statistics:
         if size <= exact_up_to:

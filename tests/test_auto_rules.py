@@ -57,3 +57,19 @@ def test_auto_applies_the_rule(free_memory):
     assert resolve_backend("auto", "cuda", torch.float32, 1e-8, problem(torch.float32, True, 16384)).name == "triton"
     # explicit names are never overridden by the rule
     assert resolve_backend("triton", "cuda", torch.float32, 1e-8, problem(torch.float32)).name == "triton"
+
+
+def test_the_rule_is_not_applied_to_the_kept_statistics_path(monkeypatch):
+    """The rule compares full passes; with a statistics queue (O(N·q·d)) "auto" is not ruled by
+    it (the problem is not passed), while js over the same queue (a full pass) is."""
+    from d2sm_ext import FeatureQueue, functional
+
+    seen = []
+    real = functional.resolve_backend
+    monkeypatch.setattr(functional, "resolve_backend", lambda *a: (seen.append(a[4]), real(*a))[1])
+    q = FeatureQueue(16, 4, statistics=True)
+    q.enqueue(torch.randn(16, 4), torch.randn(16, 4))
+    x, y = torch.randn(5, 4), torch.randn(5, 4)
+    d2sm_ext.d2sm_divergence(x, y, "kl", queue=q)
+    d2sm_ext.d2sm_divergence(x, y, "js", queue=q)
+    assert seen[0] is None and isinstance(seen[1], auto_rules.Problem) and seen[1].rows == 21
