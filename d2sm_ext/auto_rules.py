@@ -12,7 +12,8 @@ Triton panel kernel against the eager reference in the same run):
   (M = 65536: the reference cannot allocate, Triton runs in 1.3 GiB).
 
 Between measured points the rule takes the reference (known to run, and measured faster below
-the win thresholds). A new GPU run (benchmarks/gpu_check.sh) that moves a threshold updates the
+the win thresholds). The rule compares full passes: it is not applied to the kept-statistics
+queue path (docs/DESIGN.md §3.6), which does O(N·q·d) work instead of O((N+q)²·d). A new GPU run (benchmarks/gpu_check.sh) that moves a threshold updates the
 constants here and BENCHMARKS.md together.
 """
 from __future__ import annotations

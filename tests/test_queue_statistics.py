@@ -316,3 +316,26 @@ def test_enqueue_after_the_loss_reuses_its_sums_and_stays_exact(dtype, monkeypat
     kept = q.row_sums.clone()
     q.refresh_statistics()
     assert rel_err(kept, q.row_sums) < (1e-12 if dtype == torch.float64 else 1e-6)
+
+
+@pytest.mark.parametrize("div", ["kl", "reverse_kl", "symmetric_kl"])
+@pytest.mark.parametrize("excl", [True, False])
+def test_edge_rows(div, excl):
+    """Zero rows (in the queue and live), an antipodal pair inside the queue and one between a
+    live and a queue row, float64: equal to the full pass within the matrix's edge-row tolerance
+    (the antipodal log-kernel is conditioned like 1e-16/eps)."""
+    g = torch.Generator().manual_seed(0)
+    xm, ym = (torch.randn(12, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    xm[3], ym[7], xm[5] = 0.0, 0.0, -xm[4]
+    q = FeatureQueue(12, 5, dtype=torch.float64, statistics=True)
+    q.enqueue(xm[:7], ym[:7])
+    q.enqueue(xm[7:], ym[7:])
+    x, y = (torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    x[1], y[2] = 0.0, -ym[0]
+    for red in ("mean", "none"):
+        up = torch.randn(16, generator=g, dtype=torch.float64)
+        (v, gx, gy), (wv, wgx, wgy) = both_paths(x, y, q, div, excl, red, "cpu", up)
+        torch.testing.assert_close(v, wv, rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(gx, wgx, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(gy, wgy, rtol=1e-6, atol=1e-9)
+        assert (gx[1] == 0).all()  # a zero row: zero gradient
