@@ -16,32 +16,28 @@ def _raw(name: str) -> Optional[str]:
     return value if value else None
 
 
-def integer(name: str, minimum: int) -> Optional[int]:
-    """An integer >= minimum, or None when unset."""
+def _parsed(name: str, convert, valid, expected: str):
+    """The variable converted and checked, or None when unset; ValueError naming it otherwise."""
     text = _raw(name)
     if text is None:
         return None
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
         value = None
-    if value is None or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {text!r}")
+    if value is None or not valid(value):
+        raise ValueError(f"{name} must be {expected}, got {text!r}")
     return value
+
+
+def integer(name: str, minimum: int) -> Optional[int]:
+    """An integer >= minimum, or None when unset."""
+    return _parsed(name, int, lambda v: v >= minimum, f"an integer >= {minimum}")
 
 
 def positive_number(name: str) -> Optional[float]:
     """A finite number > 0, or None when unset."""
-    text = _raw(name)
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a number > 0, got {text!r}")
-    return value
+    return _parsed(name, float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
 
 
 def tiles(name: str) -> Optional[dict]:

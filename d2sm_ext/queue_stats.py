@@ -27,6 +27,7 @@ import torch
 
 from . import env
 from .reference import compute_dtype, output_dtype
+from .reference import inverse_norms as reference_inverse_norms
 
 # Divergences whose per-row values decompose into the sums A, B, C, D.
 DECOMPOSABLE = ("kl", "reverse_kl", "symmetric_kl")
@@ -35,25 +36,26 @@ _DEFAULT_CHUNK_MB = 64.0
 
 
 def inverse_norms(t: torch.Tensor) -> torch.Tensor:
-    """1/‖row‖ in the compute dtype, 0 for a zero row (as every backend, docs/DESIGN.md §2.1)."""
-    n = torch.linalg.vector_norm(t.to(compute_dtype(t.dtype)), dim=-1)
-    return torch.where(n == 0, torch.zeros_like(n), 1.0 / torch.where(n == 0, torch.ones_like(n), n))
+    """1/‖row‖ in the compute dtype, 0 for a zero row (the reference's rule, docs/DESIGN.md §2.1)."""
+    return reference_inverse_norms(t.to(compute_dtype(t.dtype)))
+
+
+def _terms(cos_x: torch.Tensor, cos_y: torch.Tensor, eps: float) -> torch.Tensor:
+    """(4, …) pair terms K', K, K'·log(K'/K), K·log(K/K') from the cosines of both sides."""
+    ka = torch.clamp(0.5 + 0.5 * cos_x, min=0.0) + eps
+    kb = torch.clamp(0.5 + 0.5 * cos_y, min=0.0) + eps
+    lab = torch.log(ka / kb)
+    return torch.stack([ka, kb, ka * lab, -kb * lab])
 
 
 def pair_terms(gram_x, gram_y, rx_rows, ry_rows, rx_cols, ry_cols, eps: float) -> torch.Tensor:
-    """(4, R, C) pair terms K', K, K'·log(K'/K), K·log(K/K') from raw Gram blocks."""
-    ka = torch.clamp(0.5 + 0.5 * (gram_x * rx_rows[:, None] * rx_cols[None, :]), min=0.0) + eps
-    kb = torch.clamp(0.5 + 0.5 * (gram_y * ry_rows[:, None] * ry_cols[None, :]), min=0.0) + eps
-    lab = torch.log(ka / kb)
-    return torch.stack([ka, kb, ka * lab, -kb * lab])
+    """(4, R, C) pair terms from raw Gram blocks and the rows' and columns' inverse norms."""
+    return _terms(gram_x * rx_rows[:, None] * rx_cols[None, :], gram_y * ry_rows[:, None] * ry_cols[None, :], eps)
 
 
 def self_terms(rx: torch.Tensor, ry: torch.Tensor, eps: float) -> torch.Tensor:
     """(4, n) float64 terms of the pair (i, i): cos = 1 for a row, 0 for a zero row."""
-    ka = 0.5 + 0.5 * (rx > 0).double() + eps
-    kb = 0.5 + 0.5 * (ry > 0).double() + eps
-    lab = torch.log(ka / kb)
-    return torch.stack([ka, kb, ka * lab, -kb * lab])
+    return _terms((rx > 0).double(), (ry > 0).double(), eps)
 
 
 def _chunk_columns(rows: int, element_size: int) -> int:

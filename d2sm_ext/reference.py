@@ -40,28 +40,29 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def common_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
-    """The widest dtype of the given tensors (float16 with bfloat16 gives float32)."""
-    present = [t.dtype for t in tensors if t is not None]
-    out = present[0]
-    for dtype in present[1:]:
-        out = torch.promote_types(out, dtype)
-    return out
-
-
 def promote(*tensors: Optional[torch.Tensor]) -> tuple:
-    """The tensors cast to their common dtype (differentiable casts; None stays None)."""
-    dtype = common_dtype(*tensors)
+    """The tensors cast to their widest dtype, as torch.promote_types (float16 with bfloat16
+    gives float32); differentiable casts; None stays None."""
+    present = [t.dtype for t in tensors if t is not None]
+    dtype = present[0]
+    for other in present[1:]:
+        dtype = torch.promote_types(dtype, other)
     return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def inverse_norms(v: torch.Tensor) -> torch.Tensor:
+    """``1/‖v‖`` per row (last dimension reduced), 0 for a zero row (a zero vector has no
+    direction: its cosines are 0 and its gradient 0, never the 1/tiny blow-up)."""
+    norm = torch.linalg.vector_norm(v, dim=-1)
+    nonzero = norm > 0
+    # Two wheres keep the untaken 1/0 branch out of autograd (no 0·inf = NaN in the gradient).
+    safe = torch.where(nonzero, norm, torch.ones_like(norm))
+    return torch.where(nonzero, 1.0 / safe, torch.zeros_like(norm))
 
 
 def normalize_rows(v: torch.Tensor) -> torch.Tensor:
     """``v / ‖v‖`` per row; zero rows stay zero with a zero gradient (no NaN, no 1/tiny)."""
-    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    nonzero = norm > 0
-    # Two wheres keep the untaken 1/0 branch out of autograd (no 0·inf = NaN in the gradient).
-    safe = torch.where(nonzero, norm, torch.ones_like(norm))
-    return v * torch.where(nonzero, 1.0 / safe, torch.zeros_like(norm))
+    return v * inverse_norms(v)[..., None]
 
 
 def _kernel_matrix(v: torch.Tensor, eps: float) -> torch.Tensor:
