@@ -221,13 +221,15 @@ class FeatureQueue(nn.Module):
         the next enqueue brings these very tensors (unchanged, the queue unchanged in between), it
         reuses them instead of recomputing the entering rows against the queue."""
         if self.statistics_enabled:
-            self._stash = (_tensor_key(x), _tensor_key(y), self._state, row_sums, col_sums)
+            # The stash holds (detached views of) x and y: while their storage is alive no other
+            # tensor can be allocated at the same address and be mistaken for them.
+            self._stash = (x.detach(), y.detach(), _tensor_key(x), _tensor_key(y), self._state, row_sums, col_sums)
 
     def _take_stash(self, x: torch.Tensor, y: torch.Tensor):
         stash, self._stash = self._stash, None
         if stash is None or x.shape[0] > self.size:
             return None
-        key_x, key_y, state, row_sums, col_sums = stash
+        _, _, key_x, key_y, state, row_sums, col_sums = stash
         if state != self._state or key_x != _tensor_key(x) or key_y != _tensor_key(y):
             return None
         return row_sums, col_sums

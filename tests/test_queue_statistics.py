@@ -339,3 +339,24 @@ def test_edge_rows(div, excl):
         torch.testing.assert_close(gx, wgx, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(gy, wgy, rtol=1e-6, atol=1e-9)
         assert (gx[1] == 0).all()  # a zero row: zero gradient
+
+
+def test_a_new_batch_at_a_freed_batchs_address_is_not_mistaken_for_it():
+    """The loss's batch is freed before the next enqueue: no new batch may take its memory (the
+    allocator recycles addresses) and be mistaken for it, so the queue keeps the stashed batch's
+    storage alive until the next change; and such a stream stays exact."""
+    q = filled_queue(10, 4, 10, dtype=torch.float32)
+    for _ in range(20):
+        x, y = torch.randn(3, 4), torch.randn(3, 4)
+        d2sm_ext.d2sm_divergence(x, y, queue=q)
+        held = [t for t in q._stash if isinstance(t, torch.Tensor) and t.shape == x.shape]
+        assert {t.untyped_storage().data_ptr() for t in held} == {x.untyped_storage().data_ptr(),
+                                                                  y.untyped_storage().data_ptr()}
+        addresses = {x.data_ptr(), y.data_ptr()}
+        del x, y
+        batch = [torch.randn(3, 4) for _ in range(20)]
+        assert not addresses & {t.data_ptr() for t in batch}
+        q.enqueue(batch[0], batch[1])
+    kept = q.row_sums.clone()
+    q.refresh_statistics()
+    assert rel_err(kept, q.row_sums) < 1e-6
