@@ -57,7 +57,7 @@ SWEEP_D = 1280
 
 def _usable(name: str, device: str, dtype: torch.dtype) -> bool:
     try:
-        d2sm_ext.backends.resolve_backend(name, device, dtype)
+        d2sm_ext.registry.resolve_backend(name, device, dtype)
     except ValueError:
         return False
     return not (name == "triton" and device == "cpu")  # the CPU interpreter is for tests only
@@ -66,9 +66,9 @@ def _usable(name: str, device: str, dtype: torch.dtype) -> bool:
 def _auto_choice(cfg: Config, inputs) -> str:
     """The backend "auto" resolves to for these inputs (with the measured GPU rule)."""
     x, y, xm, ym = inputs
-    tf32 = d2sm_ext.op_glue.use_tf32("auto")
+    tf32 = d2sm_ext.fused_op.use_tf32("auto")
     problem = d2sm_ext.auto_rules.Problem(x.device, x.dtype, tf32, cfg.b, cfg.m + cfg.q, cfg.d)
-    return d2sm_ext.backends.resolve_backend("auto", x.device.type, x.dtype, 1e-8, problem).name
+    return d2sm_ext.registry.resolve_backend("auto", x.device.type, x.dtype, 1e-8, problem).name
 
 
 def measure(cfg: Config, backend: str, device: str, reps: int, budget_s: float) -> dict:

@@ -28,7 +28,7 @@ def _cases():
             if name == "reference" or (name == "triton" and DEVICE == "cpu"):
                 continue
             try:
-                d2sm_ext.backends.resolve_backend(name, DEVICE, cfg.dtype)
+                d2sm_ext.registry.resolve_backend(name, DEVICE, cfg.dtype)
             except ValueError:
                 continue
             names.append(name)

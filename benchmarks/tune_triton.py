@@ -3,7 +3,7 @@
     python -m benchmarks.tune_triton [--m 4096 --d 4096]
 
 Prints fwd+bwd median ms per (BM, BN, BK, num_warps, num_stages) for tf32 and bf16; the best
-goes into ``triton_backend._config``. Each configuration compiles once (seconds).
+goes into ``sizing.triton_pair_tiles``. Each configuration compiles once (seconds).
 """
 import argparse
 import os

@@ -396,26 +396,72 @@ std::tuple<Tensor, Tensor> fused_backward(const Tensor& x, const Tensor& y, cons
   return backward_pass(x, y, p, saved, grad_rows, div, exclude_self, eps, need_gx, need_gy);
 }
 
-// fused_backward for the queue statistics path (docs/DESIGN.md §3.6): the raw Gram blocks of the
-// live rows against the memory rows, (N, Q) or (B, N, Q), come from the caller's cross block, so
-// the panels copy them instead of recomputing two N×Q×d products.
-std::tuple<Tensor, Tensor> fused_backward_cross(const Tensor& x, const Tensor& y, const Tensor& x_memory,
-                                                const Tensor& y_memory, const Tensor& saved, const Tensor& grad_rows,
-                                                std::string divergence, bool exclude_self, double eps, bool tf32,
-                                                bool need_gx, bool need_gy, const Tensor& gram_x,
-                                                const Tensor& gram_y) {
+// The gradient of the queue statistics path (docs/DESIGN.md §3.6), one sample set (B = 1): one
+// panel holds the N live rows against all M columns plus two extra rows, α_j ū_j r_j and r_j, so
+// that the gradient product W'·[X; X_mem] also gives t = Σ_j α_j ū_j x̂_j and s = Σ_j x̂_j: the
+// memory rows are read once per side (no O(Q·d) passes besides the product). The live rows' raw
+// Gram blocks against the memory rows come from the loss's cross block when given (N, Q); empty
+// tensors: recomputed here.
+std::tuple<Tensor, Tensor> queue_backward(const Tensor& x, const Tensor& y, const Tensor& x_memory,
+                                          const Tensor& y_memory, const Tensor& saved, const Tensor& grad_rows,
+                                          std::string divergence, bool exclude_self, double eps, bool tf32,
+                                          bool need_gx, bool need_gy, const Tensor& gram_x, const Tensor& gram_y) {
   const int div = divergence_code(divergence);
+  TORCH_CHECK(x.dim() == 2, "queue_backward: x must be (N, d), got ", x.sizes());
   const c10::OptionalDeviceGuard device_guard(x.device());
   const CublasTf32Scope tf32_scope(x.is_cuda(), tf32);
   Problem p = prepare(x, y, x_memory, y_memory);
-  const std::vector<int64_t> shape{p.B, p.N, p.Q};
-  for (const Tensor* g : {&gram_x, &gram_y}) {
-    TORCH_CHECK(g->numel() == p.B * p.N * p.Q && g->device() == x.device(),
-                "fused_backward_cross: the Gram blocks must be (N, Q) or (B, N, Q) on x's device, got ", g->sizes());
+  TORCH_CHECK(saved.dim() == 3 && saved.size(0) == 6 && saved.size(1) == 1 && saved.size(2) == p.M,
+              "saved statistics must be (6, 1, M)");
+  if (gram_x.numel() > 0 || gram_y.numel() > 0) {
+    for (const Tensor* g : {&gram_x, &gram_y}) {
+      TORCH_CHECK(g->dim() == 2 && g->size(0) == p.N && g->size(1) == p.Q && g->device() == x.device(),
+                  "queue_backward: the Gram blocks must be (N, Q) on x's device, got ", g->sizes());
+    }
+    p.gram_x_memory = gram_x.unsqueeze(0).to(p.dtype);
+    p.gram_y_memory = gram_y.unsqueeze(0).to(p.dtype);
   }
-  p.gram_x_memory = gram_x.reshape(shape).to(p.dtype);
-  p.gram_y_memory = gram_y.reshape(shape).to(p.dtype);
-  return backward_pass(x, y, p, saved, grad_rows, div, exclude_self, eps, need_gx, need_gy);
+  const Tensor sv = saved.to(p.dtype).contiguous();
+  RowStats st;
+  st.rx = sv[0].contiguous();
+  st.ry = sv[1].contiguous();
+  st.a = sv[2].contiguous();
+  st.b = sv[3].contiguous();
+  const Tensor w = grad_rows.reshape({1, p.M}).to(p.dtype).contiguous();
+  Tensor gx, gy;
+  if (p.N > 0 && (need_gx || need_gy)) {
+    const auto opts = p.x.options();
+    const int64_t rows = p.N + 2;  // live rows, then α ū r and r
+    Tensor px = at::empty({1, rows, p.M}, opts), py = at::empty({1, rows, p.M}, opts);
+    Tensor px_live = px.narrow(1, 0, p.N), py_live = py.narrow(1, 0, p.N);
+    gram_panel(p, false, 0, 1, mm_segment(p, false, false), px_live, 0);
+    gram_panel(p, true, 0, 1, mm_segment(p, true, false), py_live, 0);
+    const Tensor cols = column_arrays(st, w, p.dtype);
+    device_kernels(p.x.device().type())
+        .panel_epilogue(div, px_live, py_live, 0, 0, st.rx, st.ry, cols, exclude_self, eps, need_gx, need_gy,
+                        Tensor());
+    auto side = [&](bool is_y, Tensor& panel, const Tensor& r, const Tensor& norm, const Tensor& bar) {
+      const Tensor coef = (w / norm * bar).contiguous();  // α_j ū_j (1, M)
+      panel.select(1, p.N).copy_(coef * r);
+      panel.select(1, p.N + 1).copy_(r);
+      Tensor g = at::empty({1, rows, p.D}, opts);
+      grad_panel(p, is_y, 0, 1, panel, g);
+      Tensor pairwise = g.narrow(1, 0, p.N);
+      const Tensor t = g.select(1, p.N).contiguous(), s = g.select(1, p.N + 1).contiguous();
+      device_kernels(p.x.device().type())
+          .finish_rows(pairwise, segment(p, is_y, false), r, coef, s, t, exclude_self);
+      return pairwise;
+    };
+    if (need_gx) gx = side(false, px, st.rx, st.a, sv[4]);
+    if (need_gy) gy = side(true, py, st.ry, st.b, sv[5]);
+  }
+  const Tensor bad = nonfinite_problems(st);
+  auto out = [&](const Tensor& g, const Tensor& like, bool needed) {
+    if (!needed) return at::empty({0}, like.options().dtype(p.dtype));
+    if (!g.defined()) return at::zeros(like.sizes(), like.options().dtype(p.dtype));  // no live rows
+    return nan_where(bad, g).reshape(like.sizes());
+  };
+  return {out(gx, x, need_gx), out(gy, y, need_gy)};
 }
 
 }  // namespace d2sm_ext

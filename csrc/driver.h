@@ -28,7 +28,7 @@ struct Problem {
   at::ScalarType mm_dtype;  // GEMM operand dtype
   // Optional raw Gram blocks of the live rows against the memory rows, (B, N, Q) in the compute
   // dtype, computed by the caller (the queue statistics' cross block): the panels copy them
-  // instead of multiplying again (fused_backward_cross).
+  // instead of multiplying again (queue_backward).
   Tensor gram_x_memory, gram_y_memory;
 };
 
@@ -111,9 +111,9 @@ std::tuple<Tensor, Tensor> fused_backward(const Tensor& x, const Tensor& y, cons
                                           const std::optional<Tensor>& y_memory, const Tensor& saved,
                                           const Tensor& grad_rows, std::string divergence, bool exclude_self,
                                           double eps, bool tf32, bool need_gx, bool need_gy);
-std::tuple<Tensor, Tensor> fused_backward_cross(const Tensor& x, const Tensor& y, const Tensor& x_memory,
-                                                const Tensor& y_memory, const Tensor& saved, const Tensor& grad_rows,
-                                                std::string divergence, bool exclude_self, double eps, bool tf32,
-                                                bool need_gx, bool need_gy, const Tensor& gram_x, const Tensor& gram_y);
+std::tuple<Tensor, Tensor> queue_backward(const Tensor& x, const Tensor& y, const Tensor& x_memory,
+                                          const Tensor& y_memory, const Tensor& saved, const Tensor& grad_rows,
+                                          std::string divergence, bool exclude_self, double eps, bool tf32,
+                                          bool need_gx, bool need_gy, const Tensor& gram_x, const Tensor& gram_y);
 
 }  // namespace d2sm_ext

@@ -21,12 +21,18 @@ TORCH_LIBRARY(d2sm_ext, m) {
   m.def("fused_backward(Tensor x, Tensor y, Tensor? x_memory, Tensor? y_memory, Tensor saved, Tensor grad_rows, "
         "str divergence, bool exclude_self, float eps, bool tf32, bool need_gx, bool need_gy) -> (Tensor, Tensor)");
   // Queue statistics (docs/DESIGN.md §3.6): weighted row and column sums of the pair terms
-  // K', K, K'·log(K'/K), K·log(K/K') between row set R and column set C, float64 (4, R), (4, C).
-  // keep_gram: also return the raw Gram blocks (R, C) of x and y (empty otherwise), which
-  // fused_backward_cross takes instead of multiplying the live rows against the memory again.
+  // K', K, K'·log(K'/K), K·log(K/K') between row set R and column set C, float64: row sums (4, R),
+  // column sums (2, 4, C) of the rows before row_split and of the rest (the loss's live rows and
+  // the rows the next enqueue evicts share one product per side). keep_gram: also return the raw
+  // Gram blocks (R, C) of x and y (empty otherwise), for queue_backward and the enqueue.
   m.def("cross_sums(Tensor xr, Tensor yr, Tensor rxr, Tensor ryr, Tensor xc, Tensor yc, Tensor rxc, Tensor ryc, "
-        "float eps, Tensor? row_weight, Tensor? col_weight, bool keep_gram) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("fused_backward_cross(Tensor x, Tensor y, Tensor x_memory, Tensor y_memory, Tensor saved, Tensor grad_rows, "
+        "float eps, Tensor? row_weight, Tensor? col_weight, int row_split, bool keep_gram) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The gradient of the queue path (fused_backward's contract, one sample set): the raw Gram
+  // blocks of the live rows against the memory rows (N, Q) come from the loss's cross block when
+  // given (empty: recomputed), and Σ_j x̂_j, Σ_j α_j ū_j x̂_j ride in the gradient product as two
+  // extra rows, so the pass reads the memory rows once.
+  m.def("queue_backward(Tensor x, Tensor y, Tensor x_memory, Tensor y_memory, Tensor saved, Tensor grad_rows, "
         "str divergence, bool exclude_self, float eps, bool tf32, bool need_gx, bool need_gy, Tensor gram_x, "
         "Tensor gram_y) -> (Tensor, Tensor)");
 }

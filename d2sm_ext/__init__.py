@@ -3,8 +3,8 @@
 docs/DESIGN.md is the contract: the math (§2), how the fused backends compute it (§3), the
 precision of every path (§4), the API (§5), the layout (§6) and every knob (§7).
 """
-from . import registry as _registry  # noqa: F401  (registers the built-in backends)
-from .backends import available_backends, mark_unavailable, register_backend, unavailable_backends
+from . import backends as _backends  # noqa: F401  (registers the built-in backends)
+from .registry import available_backends, mark_unavailable, register_backend, unavailable_backends
 from .extractors import build_extractor
 from .functional import d2sm_divergence
 from .loss import D2SMLoss

@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 
 from . import auto_rules, queue_stats
-from .op_glue import use_tf32
-from .backends import resolve_backend
+from .fused_op import use_tf32
+from .registry import resolve_backend
 from .reference import DIVERGENCES, REDUCTIONS, promote
 
 PRECISIONS = ("auto", "ieee", "tf32")
@@ -174,22 +174,25 @@ def d2sm_divergence(
         Per-row values are >= 0 (a rounding of an exactly-zero divergence below 0 is returned
         as 0); a non-finite value in any row of a problem makes all its rows NaN.
     """
+    view = None
     if queue is not None:
         _check_queue(queue, x, x_memory, eps, divergence)
-        x_memory, y_memory = queue.memory()
+        kept_statistics = queue.statistics_enabled and divergence in queue_stats.DECOMPOSABLE
+        view = queue.statistics_view() if kept_statistics else None
+        x_memory, y_memory = (view.x, view.y) if view is not None else queue.memory()
     validate_inputs(x, y, divergence, exclude_self, reduction, eps, x_memory, y_memory, precision)
     x, y, x_memory, y_memory = promote(x, y, x_memory, y_memory)
     tf32 = use_tf32(precision)
-    kept_statistics = queue is not None and queue.statistics_enabled and divergence in queue_stats.DECOMPOSABLE
     # The measured GPU rule compares full passes; the kept-statistics path does O(N·q·d) instead of
-    # O((N+q)²·d) work and is not ruled by it (a fused backend is taken wherever one runs).
-    problem = None if kept_statistics else auto_rules.Problem(
+    # O((N+q)²·d) work and is not ruled by it: backend= resolves among the backends with queue
+    # kernels exactly as for the full pass.
+    problem = None if view is not None else auto_rules.Problem(
         x.device, x.dtype, tf32, x.shape[0] if x.ndim == 3 else 1,
         x.shape[-2] + (0 if x_memory is None else x_memory.shape[-2]), x.shape[-1])
-    impl = resolve_backend(backend, x.device.type, x.dtype, float(eps), problem)
-    if kept_statistics and impl.backward_op is not None and x_memory.shape[0] > 0:
-        return queue_stats.queue_divergence(x, y, queue, divergence, exclude_self, reduction, eps, impl.backward_op,
-                                            tf32)
+    impl = resolve_backend(backend, x.device.type, x.dtype, float(eps), problem, need_queue=view is not None)
+    if view is not None and x_memory.shape[0] > 0:
+        view.x, view.y = x_memory, y_memory  # promoted with x
+        return queue_stats.queue_divergence(x, y, view, divergence, exclude_self, reduction, eps, impl.queue, tf32)
     return impl.fn(
         x, y, divergence=divergence, exclude_self=exclude_self, reduction=reduction, eps=float(eps),
         x_memory=x_memory, y_memory=y_memory, precision=precision,

@@ -171,7 +171,8 @@ class D2SMLoss(nn.Module):
         if queue_size > 0:
             # kept statistics (O(N·q·d) per step, docs/DESIGN.md §3.6) for the divergences that
             # decompose; js takes the full pass over the queue.
-            self.queue = FeatureQueue(queue_size, self.feature_dim, statistics=divergence in DECOMPOSABLE, eps=eps)
+            self.queue = FeatureQueue(queue_size, self.feature_dim, statistics=divergence in DECOMPOSABLE, eps=eps,
+                                      backend=backend)
 
     @property
     def feature_dim(self) -> int:
@@ -280,6 +281,8 @@ class D2SMLoss(nn.Module):
             fx, world = dist_helpers.gather_live_rows(fx)
             fy, _ = dist_helpers.all_gather_rows(fy)
         queued = 0 if self.queue is None else len(self.queue)
+        if self.queue is not None:
+            self.queue._changed()  # what an earlier loss left is not this batch's (enqueue_last_batch below)
         live = fx.shape[-2]
         rows = live + queued
         # Connects a loss without live rows to the graph: backward works, gradients are zero.
@@ -290,13 +293,19 @@ class D2SMLoss(nn.Module):
             # nothing to compare: no rows, or (a queue still filling) at most one neighbour per
             # row, where every divergence is exactly 0
             loss = zero
+            used_queue = False
         else:
             # the queue's rows (its dtype: d2sm_divergence promotes) join the sample set
             loss = d2sm_divergence(fx, fy, divergence=self.divergence, exclude_self=self.exclude_self,
                                    reduction="mean", eps=self.eps, backend=self.backend,
                                    queue=self.queue if queued else None) + zero
+            used_queue = self.queue is not None and self.queue.statistics_enabled and self.queue.stats.has_pending()
         if self.queue is not None and self.training:
-            self.queue.enqueue(local_fx.detach(), local_fy, distributed=distributed)
+            if used_queue and not (distributed and not self.gather_live):
+                # the loss's own rows (all ranks' with gather_live) and sums: the queue is not read again
+                self.queue.enqueue_last_batch(distributed=False)
+            else:
+                self.queue.enqueue(local_fx.detach(), local_fy, distributed=distributed)
         if world > 1:
             loss = dist_helpers.scale_local_gradient(loss, world)
         return self.weight * loss

@@ -6,8 +6,7 @@ with its own stored copy and no autograd graph is ever kept in the buffer)::
 
     queue = FeatureQueue(size=4096, dim=1280).to(device)
     ...
-    x_mem, y_mem = queue.memory()                     # filled rows, views, no copy
-    loss = d2sm_divergence(fx, fy, x_memory=x_mem, y_memory=y_mem)
+    loss = d2sm_divergence(fx, fy, queue=queue)       # (batch, filled rows)
     loss.backward()
     queue.enqueue(fx.detach(), fy.detach())           # non-finite rows are dropped on device
 
@@ -21,8 +20,16 @@ Statistics (``statistics=True``, docs/DESIGN.md §3.6): the queue also keeps, pe
 sums A, B, C, D of its pair terms over the other queue rows, for one kernel floor ``eps``, and
 updates them on enqueue (the entering rows' terms added, the evicted rows' terms subtracted:
 O(N·q·d)). ``d2sm_divergence(x, y, queue=queue)`` then costs O(N·q·d) per step instead of
-O((N+q)²·d). ``refresh_statistics()`` recomputes them exactly (O(q²·d)).
+O((N+q)²·d). ``refresh_statistics()`` recomputes them exactly (O(q²·d)). The sums live in
+``queue.stats`` (``queue_stats.QueueStatistics``), next to their math; this module is the ring.
+
+The fast step: ``queue.enqueue_last_batch()`` instead of ``enqueue(fx, fy)`` enqueues the rows of
+the last loss computed against the queue (the loss's own copy, taken then) from the sums that loss
+already formed, so the step reads the queue three times instead of five (docs/DESIGN.md §3.6).
+Nothing can fool it: it never looks at the caller's tensors, and any change of the queue after the
+loss discards what the loss left (then it raises and says to call ``enqueue``).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,13 +39,9 @@ import torch
 from torch import nn
 
 from . import distributed as dist_helpers
-from . import queue_stats
+from .queue_stats import EnqueuePlan, QueueStatistics, QueueView
 from .reference import compute_dtype
-
-
-def _tensor_key(t: torch.Tensor) -> tuple:
-    """Identifies a tensor's data as it is now (storage, view, in-place version)."""
-    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t._version)
+from .registry import resolve_backend
 
 
 class FeatureQueue(nn.Module):
@@ -51,57 +54,106 @@ class FeatureQueue(nn.Module):
     statistics: keep the per-row sums that let ``d2sm_divergence(x, y, queue=queue, eps=eps)``
     run in O(N·q·d) (kl, reverse_kl, symmetric_kl; any exclude_self and reduction). ``eps`` is the
     kernel floor they are kept for (default 1e-8, as d2sm_divergence): a call with another eps
-    raises.
+    raises. ``backend`` names the kernels the enqueue and refresh use for them ("auto": as
+    ``d2sm_divergence``'s "auto" for the queue's device and dtype).
     """
 
     def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32,
-                 device: Optional[torch.device] = None, statistics: bool = False, eps: float = 1e-8):
+                 device: Optional[torch.device] = None, statistics: bool = False, eps: float = 1e-8,
+                 backend: str = "auto"):
         super().__init__()
         for name, value in (("size", size), ("dim", dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"FeatureQueue {name} must be a positive int, got {value!r}")
         if not dtype.is_floating_point:
             raise TypeError(f"FeatureQueue dtype must be floating point, got {dtype}")
+        if not isinstance(statistics, bool):
+            raise TypeError(f"statistics must be a bool, got {type(statistics).__name__}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"FeatureQueue eps must be a finite number > 0, got {eps!r}")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         self.size = size
         self.dim = dim
+        self.backend = backend
         self.register_buffer("x_buffer", torch.zeros(size, dim, dtype=dtype, device=device))
         self.register_buffer("y_buffer", torch.zeros(size, dim, dtype=dtype, device=device))
         # Next slot to write and number of filled slots; int64 scalars on the buffers' device.
         self.register_buffer("write_pointer", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long, device=device))
         self._known_full = False  # host-side cache: once full, a queue stays full until reset()
-        # Host-side count of changes (enqueue, reset, load) and the sums a loss computed for live
-        # rows that may be enqueued next (see stash_live_sums).
-        self._state = 0
-        self._stash = None
-        if not isinstance(statistics, bool):
-            raise TypeError(f"statistics must be a bool, got {type(statistics).__name__}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"FeatureQueue eps must be a finite number > 0, got {eps!r}")
-        self.statistics_enabled = statistics
-        self.eps = float(eps)
-        if statistics:
-            # float64 sums A, B, C, D over the other filled rows, and the rows' inverse norms (x, y)
-            self.register_buffer("row_sums", torch.zeros(queue_stats.N_STATS, size, dtype=torch.float64,
-                                                         device=device))
-            self.register_buffer("row_inv_norms", torch.zeros(2, size, dtype=compute_dtype(dtype), device=device))
+        self._eps = float(eps)
+        self._loaded_statistics: Optional[bool] = None  # what the last loaded checkpoint said
+        self.stats: Optional[QueueStatistics] = QueueStatistics(size, dtype, device, eps) if statistics else None
+        self.register_load_state_dict_post_hook(FeatureQueue._after_load)
+
+    @property
+    def statistics_enabled(self) -> bool:
+        return self.stats is not None
+
+    @property
+    def eps(self) -> float:
+        """The kernel floor the statistics are kept for."""
+        return self._eps
 
     def extra_repr(self) -> str:
-        stats = f", statistics=True, eps={self.eps}" if self.statistics_enabled else ""
-        return f"size={self.size}, dim={self.dim}, dtype={self.x_buffer.dtype}{stats}"
+        return f"size={self.size}, dim={self.dim}, dtype={self.x_buffer.dtype}, statistics={self.statistics_enabled}"
 
     def __len__(self) -> int:
         """Number of filled rows (reads the count from the device: one sync)."""
         return self.size if self._known_full else int(self.filled)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    # -- state ------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        """Saved with the buffers: what the kept sums mean (a checkpoint never loads into a queue
+        that would read them for another eps)."""
+        return {"statistics": self.statistics_enabled, "eps": self._eps}
+
+    def set_extra_state(self, state: dict) -> None:
+        if self.statistics_enabled and state.get("statistics") and state.get("eps") != self._eps:
+            raise ValueError(f"this checkpoint's queue statistics were kept for eps={state.get('eps')}, this queue "
+                             f"keeps them for eps={self._eps}: build FeatureQueue(..., eps={state.get('eps')}) to "
+                             f"load it")
+        self._loaded_statistics = bool(state.get("statistics"))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the statistics moved into .stats: the same buffers.
+        for name in ("row_sums", "row_inv_norms"):
+            if prefix + name in state_dict:
+                state_dict[prefix + "stats." + name] = state_dict.pop(prefix + name)
+        # Checkpoints from before the extra state: sums of unknown meaning, recomputed after the load.
+        state_dict.setdefault(prefix + "_extra_state", {"statistics": None, "eps": None})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._known_full = False  # the loaded fill count decides
         self._changed()
 
+    @staticmethod
+    def _after_load(module: "FeatureQueue", incompatible_keys) -> None:
+        """Sums that were not loaded with their meaning (a checkpoint without statistics, loaded
+        with strict=False, or one from before eps was saved) are recomputed from the loaded rows."""
+        if module.stats is None:
+            return
+        missing = {k.rsplit(".", 1)[-1] for k in incompatible_keys.missing_keys}
+        if module._loaded_statistics is not True or {"row_sums", "row_inv_norms"} & missing:
+            module.refresh_statistics()
+
+    def _apply(self, fn, recurse=True):
+        """Module casts and moves keep the sums in float64: a cast of the rows to another dtype
+        (.half(), .double(), .to(dtype)) recomputes them for the rows as they now are."""
+        dtype = self.x_buffer.dtype
+        sums = None if self.stats is None else self.stats.row_sums
+        super()._apply(fn, recurse)
+        if self.stats is not None:
+            self.stats.row_sums = sums.to(self.x_buffer.device)
+            self.stats.row_inv_norms = self.stats.row_inv_norms.to(compute_dtype(self.x_buffer.dtype))
+            if self.x_buffer.dtype != dtype:
+                self.refresh_statistics()
+        self._changed()
+        return self
+
     def _changed(self) -> None:
-        self._state += 1
-        self._stash = None
+        if self.stats is not None:
+            self.stats.discard_pending()
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -110,12 +162,12 @@ class FeatureQueue(nn.Module):
         self.y_buffer.zero_()
         self.write_pointer.zero_()
         self.filled.zero_()
-        if self.statistics_enabled:
-            self.row_sums.zero_()
-            self.row_inv_norms.zero_()
+        if self.stats is not None:
+            self.stats.reset()
         self._known_full = False
         self._changed()
 
+    # -- rows -------------------------------------------------------------------------------------
     def _filled_count(self) -> int:
         if not self._known_full:
             n = int(self.filled)
@@ -141,39 +193,21 @@ class FeatureQueue(nn.Module):
         return (torch.roll(self.x_buffer, shift, dims=0).detach(),
                 torch.roll(self.y_buffer, shift, dims=0).detach())
 
-    @torch.no_grad()
-    def enqueue(self, x: torch.Tensor, y: torch.Tensor, distributed: Optional[bool] = None, group=None) -> None:
-        """Append the row pairs of ``x`` and ``y`` (N, dim) (or (..., dim), flattened) in order.
+    def statistics_view(self) -> QueueView:
+        """The filled rows, their statistics and the enqueue planner, for the kept-statistics
+        loss (``queue_stats.queue_divergence``)."""
+        self._require_statistics()
+        xm, ym = self.memory()
+        filled = xm.shape[0]
 
-        Rows with any non-finite value in x or y are skipped; when more than ``size`` finite rows
-        arrive, only the newest ``size`` are kept. No host synchronisation beyond, under
-        torch.distributed, the all-gather itself.
+        def plan(x: torch.Tensor, y: torch.Tensor) -> Optional[EnqueuePlan]:
+            if filled + x.shape[0] <= self.size:  # no row of the queue can leave: nothing to plan
+                return None
+            return self._plan(x, y)
+        return QueueView(xm, ym, self.stats, plan, self.x_buffer.dtype)
 
-        distributed: None (default) all-gathers the batch from every rank (rank order) when a
-        multi-rank process group is initialised, so all ranks keep identical queues; True/False
-        forces it. Every rank must call enqueue (an empty batch is fine).
-        """
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise TypeError("enqueue expects two tensors (restored, clean)")
-        if x.shape != y.shape or x.ndim < 1 or x.shape[-1] != self.dim:
-            raise ValueError(
-                f"enqueue expects x and y of the same shape (..., {self.dim}), got {tuple(x.shape)} "
-                f"and {tuple(y.shape)}"
-            )
-        if x.device != self.x_buffer.device or y.device != self.x_buffer.device:
-            raise ValueError(
-                f"enqueue expects tensors on the queue's device {self.x_buffer.device}, got "
-                f"{x.device} and {y.device}"
-            )
-        x = x.detach().reshape(-1, self.dim).to(self.x_buffer.dtype)
-        y = y.detach().reshape(-1, self.dim).to(self.y_buffer.dtype)
-        if dist_helpers.resolve(distributed, group):
-            both, _ = dist_helpers.all_gather_rows(torch.cat([x, y], dim=1), group)
-            x, y = both[:, :self.dim], both[:, self.dim:]
-        reuse = self._take_stash(x, y)
-        self._changed()
-        if x.shape[0] == 0:
-            return
+    def _plan(self, x: torch.Tensor, y: torch.Tensor) -> EnqueuePlan:
+        """Where an enqueue of (x, y) (N, dim) in the queue's dtype writes; on the device, no sync."""
         finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y).all(dim=1)
         n_valid = finite.sum()
         # Finite rows first, in their original order (stable sort on the "non-finite" flag).
@@ -188,102 +222,95 @@ class FeatureQueue(nn.Module):
         slots = (self.write_pointer + lo + cand) % self.size
         takes = cand < n_valid - lo
         source = order[torch.clamp(lo + cand, max=x.shape[0] - 1)]
-        new_x = torch.where(takes[:, None], x[source], self.x_buffer[slots])
-        new_y = torch.where(takes[:, None], y[source], self.y_buffer[slots])
-        if self.statistics_enabled:
-            self._update_statistics(slots, takes, new_x, new_y, source, reuse)
-        self.x_buffer.index_copy_(0, slots, new_x)
-        self.y_buffer.index_copy_(0, slots, new_y)
-        self.write_pointer.copy_((self.write_pointer + n_valid) % self.size)
-        self.filled.copy_(torch.clamp(self.filled + n_valid, max=self.size))
+        evicted = takes & (slots < self.filled)
+        return EnqueuePlan(slots, takes, source, evicted, self.x_buffer[slots], self.y_buffer[slots], n_valid)
 
-    # ------------------------------------------------------------------------------------------
-    # Statistics (docs/DESIGN.md §3.6)
-    # ------------------------------------------------------------------------------------------
-    def _require_statistics(self) -> None:
-        if not self.statistics_enabled:
-            raise RuntimeError("this FeatureQueue keeps no statistics: create it with statistics=True")
-
-    def statistics(self, filled: int) -> torch.Tensor:
-        """(4, filled) float64 sums A, B, C, D of the filled rows over the other filled rows."""
-        self._require_statistics()
-        return self.row_sums[:, :filled]
-
-    def inverse_norms(self, filled: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inverse norms (x side, y side) of the filled rows, in the compute dtype."""
-        self._require_statistics()
-        return self.row_inv_norms[0, :filled], self.row_inv_norms[1, :filled]
-
-    def stash_live_sums(self, x: torch.Tensor, y: torch.Tensor, row_sums: torch.Tensor,
-                        col_sums: torch.Tensor) -> None:
-        """Called by the loss with the sums it formed for live rows (x, y) against the filled rows:
-        row_sums (4, N) over every filled row, col_sums (4, filled) over the finite live rows. If
-        the next enqueue brings these very tensors (unchanged, the queue unchanged in between), it
-        reuses them instead of recomputing the entering rows against the queue."""
-        if self.statistics_enabled:
-            # The stash holds (detached views of) x and y: while their storage is alive no other
-            # tensor can be allocated at the same address and be mistaken for them.
-            self._stash = (x.detach(), y.detach(), _tensor_key(x), _tensor_key(y), self._state, row_sums, col_sums)
-
-    def _take_stash(self, x: torch.Tensor, y: torch.Tensor):
-        stash, self._stash = self._stash, None
-        if stash is None or x.shape[0] > self.size:
-            return None
-        _, _, key_x, key_y, state, row_sums, col_sums = stash
-        if state != self._state or key_x != _tensor_key(x) or key_y != _tensor_key(y):
-            return None
-        return row_sums, col_sums
+    def _check_rows(self, x, y) -> None:
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError("enqueue expects two tensors (restored, clean)")
+        if x.shape != y.shape or x.ndim < 1 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"enqueue expects x and y of the same shape (..., {self.dim}), got {tuple(x.shape)} "
+                f"and {tuple(y.shape)}"
+            )
+        if x.device != self.x_buffer.device or y.device != self.x_buffer.device:
+            raise ValueError(
+                f"enqueue expects tensors on the queue's device {self.x_buffer.device}, got "
+                f"{x.device} and {y.device}"
+            )
 
     @torch.no_grad()
-    def _update_statistics(self, slots, takes, new_x, new_y, source, reuse) -> None:
-        """Before the slots are written: the entering rows' terms are added to every kept row's
-        sums, the evicted rows' terms subtracted, and the entering rows' own sums formed over the
-        kept rows and the other entering rows. O(K·q·d) for K candidate slots; no host sync.
-        With ``reuse`` (the loss's sums for these rows, see stash_live_sums) only the evicted rows
-        are taken against the queue."""
-        eps = self.eps
-        all_slots = torch.arange(self.size, device=slots.device)
-        was_filled = all_slots < self.filled  # slots fill in order: 0 … filled − 1
-        evicted = takes & (slots < self.filled)
-        kept = was_filled.clone()
-        kept[slots] = kept[slots] & ~takes
-        old_x, old_y = self.x_buffer[slots], self.y_buffer[slots]
-        rx_new, ry_new = queue_stats.inverse_norms(new_x), queue_stats.inverse_norms(new_y)
-        rx_old, ry_old = self.row_inv_norms[0, slots], self.row_inv_norms[1, slots]
-        cdt = self.row_inv_norms.dtype
-        new_new = queue_stats.block_sums(new_x, new_y, rx_new, ry_new, eps, exclude_self=True,
-                                         col_weight=takes.to(cdt))
-        if reuse is None:
-            # rows: entering (weight +1 where it takes) and evicted (−1) against every slot
-            rows_x, rows_y = torch.cat([new_x, old_x]), torch.cat([new_y, old_y])
-            weight = torch.cat([takes.to(cdt), -evicted.to(cdt)])
-            row_sums, col_delta = queue_stats.cross_sums(
-                rows_x, rows_y, torch.cat([rx_new, rx_old]), torch.cat([ry_new, ry_old]),
-                self.x_buffer, self.y_buffer, self.row_inv_norms[0], self.row_inv_norms[1], eps,
-                row_weight=weight, col_weight=kept.to(cdt))
-            entering = row_sums[:, :slots.shape[0]] + new_new
-        else:
-            live_rows, live_cols = reuse  # over every filled row; over the finite (= entering) rows
-            on_evicted, _ = queue_stats.cross_sums(new_x, new_y, rx_new, ry_new, old_x, old_y, rx_old, ry_old, eps,
-                                                   col_weight=evicted.to(cdt))
-            entering = live_rows[:, source] - on_evicted + new_new
-            _, col_delta = queue_stats.cross_sums(old_x, old_y, rx_old, ry_old, self.x_buffer, self.y_buffer,
-                                                  self.row_inv_norms[0], self.row_inv_norms[1], eps,
-                                                  row_weight=-evicted.to(cdt))
-            col_delta[:, :live_cols.shape[1]] += live_cols
-        self.row_sums.add_(torch.where(kept, col_delta, 0.0))
-        self.row_sums[:, slots] = torch.where(takes, entering, self.row_sums[:, slots])
-        self.row_inv_norms[0, slots] = torch.where(takes, rx_new, rx_old)
-        self.row_inv_norms[1, slots] = torch.where(takes, ry_new, ry_old)
+    def enqueue(self, x: torch.Tensor, y: torch.Tensor, distributed: Optional[bool] = None, group=None) -> None:
+        """Append the row pairs of ``x`` and ``y`` (N, dim) (or (..., dim), flattened) in order.
+
+        Rows with any non-finite value in x or y are skipped; when more than ``size`` finite rows
+        arrive, only the newest ``size`` are kept. No host synchronisation beyond, under
+        torch.distributed, the all-gather itself. With statistics, the entering and evicted rows
+        are taken against the queue (O(N·q·d)); after a loss over these very rows,
+        ``enqueue_last_batch()`` does the same from the loss's sums.
+
+        distributed: None (default) all-gathers the batch from every rank (rank order) when a
+        multi-rank process group is initialised, so all ranks keep identical queues; True/False
+        forces it. Every rank must call enqueue (an empty batch is fine).
+        """
+        self._check_rows(x, y)
+        x = x.detach().reshape(-1, self.dim).to(self.x_buffer.dtype)
+        y = y.detach().reshape(-1, self.dim).to(self.y_buffer.dtype)
+        if dist_helpers.resolve(distributed, group):
+            both, _ = dist_helpers.all_gather_rows(torch.cat([x, y], dim=1), group)
+            x, y = both[:, :self.dim], both[:, self.dim:]
+        self._write(x, y, None)
+
+    @torch.no_grad()
+    def enqueue_last_batch(self, distributed: Optional[bool] = None, group=None) -> None:
+        """Enqueue the rows of the last ``d2sm_divergence(x, y, queue=self)`` (the loss's own copy,
+        taken at that call, in the queue's dtype), reusing the sums that loss formed for them: the
+        queue is not read again (docs/DESIGN.md §3.6). Equal to ``enqueue(x, y)`` with the rows as
+        they were at the loss.
+
+        Raises RuntimeError when no such loss left its rows since the queue last changed (an
+        enqueue, reset, load, cast or refresh discards them), when the loss promoted its rows past
+        the queue's dtype, or for a queue without statistics. Under torch.distributed (see
+        ``enqueue``) the batch is all-gathered and its sums are formed anew: each rank's loss knows
+        only its own rows.
+        """
+        self._require_statistics()
+        pending = self.stats.take_pending()
+        if pending is None:
+            raise RuntimeError("enqueue_last_batch: no loss over this queue has left its rows since the queue last "
+                               "changed (or the loss's rows were wider than the queue's dtype); use enqueue(x, y)")
+        if dist_helpers.resolve(distributed, group):
+            self.enqueue(pending.x, pending.y, distributed=True, group=group)
+            return
+        self._write(pending.x, pending.y, pending)
+
+    def _write(self, x: torch.Tensor, y: torch.Tensor, pending) -> None:
+        self._changed()
+        if x.shape[0] == 0:
+            return
+        plan = pending.plan if pending is not None and pending.plan is not None else self._plan(x, y)
+        new_x = torch.where(plan.takes[:, None], x[plan.source], plan.old_x)
+        new_y = torch.where(plan.takes[:, None], y[plan.source], plan.old_y)
+        if self.stats is not None:
+            self.stats.update(plan, new_x, new_y, self.filled, self.x_buffer, self.y_buffer, self._kernels(),
+                              pending)
+        self.x_buffer.index_copy_(0, plan.slots, new_x)
+        self.y_buffer.index_copy_(0, plan.slots, new_y)
+        self.write_pointer.copy_((self.write_pointer + plan.n_valid) % self.size)
+        self.filled.copy_(torch.clamp(self.filled + plan.n_valid, max=self.size))
+
+    # -- statistics (docs/DESIGN.md §3.6) ---------------------------------------------------------
+    def _require_statistics(self) -> None:
+        if self.stats is None:
+            raise RuntimeError("this FeatureQueue keeps no statistics: create it with statistics=True")
+
+    def _kernels(self):
+        return resolve_backend(self.backend, self.x_buffer.device.type, self.x_buffer.dtype, self._eps,
+                               need_queue=True).queue
 
     @torch.no_grad()
     def refresh_statistics(self) -> None:
         """Recompute the kept sums exactly from the stored rows (O(q²·d); one host sync)."""
         self._require_statistics()
         n = len(self)
-        xm, ym = self.x_buffer[:n], self.y_buffer[:n]
-        rx, ry = queue_stats.inverse_norms(xm), queue_stats.inverse_norms(ym)
-        self.row_inv_norms.zero_()
-        self.row_sums.zero_()
-        self.row_inv_norms[0, :n], self.row_inv_norms[1, :n] = rx, ry
-        self.row_sums[:, :n] = queue_stats.block_sums(xm, ym, rx, ry, self.eps, exclude_self=True)
+        self.stats.refresh(self.x_buffer[:n], self.y_buffer[:n])

@@ -1,5 +1,6 @@
 """Queue statistics kept across steps (docs/DESIGN.md §3.6): a training step with a queue of q rows
-costs O(N·q·d), not O((N+q)²·d).
+costs O(N·q·d), not O((N+q)²·d). This module is the math and the kept state; the kernels come
+from the backend (``registry.QueueKernels``), the rows from the ring buffer (``queue.FeatureQueue``).
 
 For kl, reverse_kl and symmetric_kl every per-row quantity is a sum over the row's neighbours of
 four pair terms (§3.6):
@@ -9,30 +10,35 @@ four pair terms (§3.6):
     kl_i = C_i/A_i − log A_i + log B_i        reverse_kl_i = D_i/B_i − log B_i + log A_i
 
 For a queue row the sum splits into a part over the other queue rows, which changes only when
-rows enter or leave (kept in float64 by the queue, updated on enqueue), and a part over the
-live rows (from the N×q cross block of this step). A live row's sums come from the same cross
+rows enter or leave (kept in float64 by ``QueueStatistics``, updated on enqueue), and a part over
+the live rows (from the N×q cross block of this step). A live row's sums come from the same cross
 block and the N×N live block. The gradient into the live rows needs, besides those blocks, only
-the per-row totals: it is the fused backends' backward op with the totals as its saved
-statistics (O(N·(N+q)·d)). js does not split this way (A and B sit inside the log of the
-mixture): with a queue it takes the full pass over queue.memory() (O((N+q)²·d)), exactly.
+the per-row totals: it is the backend's queue backward with the totals as saved statistics. js
+does not split this way (A and B sit inside the log of the mixture): with a queue it takes the
+full pass over the queue's rows, exactly.
 
-``cross_sums`` is the one pairwise primitive: column chunks bounded by a memory budget (never an
-N×q matrix at once), float64 sums, a fixed summation order (deterministic).
+A step reads the queue three times (the floor, §3.6): the loss takes the live rows AND the rows
+the next enqueue of this batch would evict against the queue in one product per side (one
+``cross_sums`` call), hands the live rows' Gram blocks to the gradient (one product), and leaves
+its sums with the statistics as the pending batch; ``FeatureQueue.enqueue_last_batch()`` then
+enqueues that batch (its own copy, taken at the loss) from those sums, without reading the queue.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Callable, Optional
 
 import torch
+from torch import nn
 
-from . import env
+from . import fused_op, sizing
 from .reference import compute_dtype, output_dtype
 from .reference import inverse_norms as reference_inverse_norms
 
 # Divergences whose per-row values decompose into the sums A, B, C, D.
 DECOMPOSABLE = ("kl", "reverse_kl", "symmetric_kl")
 N_STATS = 4  # A, B, C, D
-_DEFAULT_CHUNK_MB = 64.0
 
 
 def inverse_norms(t: torch.Tensor) -> torch.Tensor:
@@ -58,18 +64,6 @@ def self_terms(rx: torch.Tensor, ry: torch.Tensor, eps: float) -> torch.Tensor:
     return _terms((rx > 0).double(), (ry > 0).double(), eps)
 
 
-def _chunk_columns(rows: int, element_size: int) -> int:
-    budget = (env.positive_number("D2SM_PANEL_MB") or _DEFAULT_CHUNK_MB) * 2 ** 20
-    # the two Gram blocks and the (4, R, C) terms, with their temporaries: ~12 values per pair
-    return max(1, int(budget // (12 * element_size * max(rows, 1))))
-
-
-def _has_fused_cross_sums(t: torch.Tensor) -> bool:
-    """The C++ extension's fused kernel serves CPU tensors (csrc/cpu/kernels.cpp)."""
-    return t.device.type == "cpu" and hasattr(torch.ops.d2sm_ext, "cross_sums") and \
-        torch._C._dispatch_has_kernel_for_dispatch_key("d2sm_ext::cross_sums", "CPU")
-
-
 def _weighted(terms: torch.Tensor, weight) -> torch.Tensor:
     """terms × weight, where a zero weight leaves its row or column out even if its terms are NaN."""
     if weight is None:
@@ -77,51 +71,75 @@ def _weighted(terms: torch.Tensor, weight) -> torch.Tensor:
     return torch.where(weight != 0, terms * weight, 0.0)
 
 
-def _triton_cross_sums(t: torch.Tensor):
-    """Triton's kernel (d2sm_ext.triton_backend.cross_sums) for CUDA tensors, when it loads."""
-    if t.device.type != "cuda":
-        return None
-    try:
-        from .triton_backend import cross_sums as triton_cross_sums
-    except Exception:  # Triton missing or broken: the PyTorch form below
-        return None
-    return triton_cross_sums
-
-
-def cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight=None, col_weight=None):
-    """Weighted sums of the pair terms between row set R and column set C (docs/DESIGN.md §3.6).
+def cross_sums_torch(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight=None, col_weight=None,
+                     row_split: Optional[int] = None, keep_gram: bool = False):
+    """The definition of ``QueueKernels.cross_sums`` in PyTorch (the reference backend's kernel,
+    and the CUDA C++ backend's until it has a fused one): weighted sums of the pair terms between
+    row set R and column set C.
 
     xr, yr: (R, d) rows and rxr, ryr their inverse norms; xc, yc, rxc, ryc the same for C.
-    Returns (row_sums (4, R), col_sums (4, C)), float64: row_sums[:, i] = Σ_j wc_j T_ij and
-    col_sums[:, j] = Σ_i wr_i T_ij (weights default to 1), T = (K', K, K'·log(K'/K), K·log(K/K'));
-    a zero weight leaves its row or column out even where its terms are NaN.
-    Never an R×C matrix at once. CPU tensors take the C++ extension's fused kernel, CUDA tensors
-    Triton's (float64 and a missing Triton: this chunked PyTorch form, chunks bounded by
-    D2SM_PANEL_MB). Autocast never lowers its precision.
+    Returns (row_sums (4, R), col_sums (2, 4, C), gram_x, gram_y), float64:
+    row_sums[:, i] = Σ_j wc_j T_ij; col_sums[g, :, j] = Σ_{i in group g} wr_i T_ij, group 0 the rows
+    before ``row_split`` (default R), group 1 the rest; T = (K', K, K'·log(K'/K), K·log(K/K'));
+    weights default to 1, and a zero weight leaves its row or column out even where its terms are
+    NaN. Column chunks bounded by D2SM_PANEL_MB (never an R×C matrix at once) unless
+    ``keep_gram``, which returns the raw Gram blocks (R, C) (else None). Differentiable (autograd
+    through the sums: the reference's gradient). Autocast never lowers its precision.
     """
-    cdt = compute_dtype(xr.dtype)
+    cdt = compute_dtype(torch.promote_types(xr.dtype, xc.dtype))
+    n_rows, n_cols = xr.shape[0], xc.shape[0]
+    split = n_rows if row_split is None else row_split
     with torch.autocast(xr.device.type, enabled=False):
-        if _has_fused_cross_sums(xr):
-            return torch.ops.d2sm_ext.cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, float(eps), row_weight,
-                                                 col_weight, False)[:2]
-        triton_sums = _triton_cross_sums(xr)
-        if triton_sums is not None and torch.promote_types(xr.dtype, xc.dtype) != torch.float64:
-            return triton_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps, row_weight, col_weight)
         xr, yr, xc, yc = (t.to(cdt) for t in (xr, yr, xc, yc))
-        n_rows, n_cols = xr.shape[0], xc.shape[0]
-        row_sums = torch.zeros(N_STATS, n_rows, dtype=torch.float64, device=xr.device)
-        col_sums = torch.zeros(N_STATS, n_cols, dtype=torch.float64, device=xr.device)
-        if n_rows == 0 or n_cols == 0:
-            return row_sums, col_sums
-        wr = None if row_weight is None else row_weight.to(cdt)
-        step = _chunk_columns(n_rows, xr.element_size())
-        for c0 in range(0, n_cols, step):
-            c1 = min(n_cols, c0 + step)
-            terms = pair_terms(xr @ xc[c0:c1].T, yr @ yc[c0:c1].T, rxr, ryr, rxc[c0:c1], ryc[c0:c1], eps)
-            wc = None if col_weight is None else col_weight[c0:c1].to(cdt)
-            row_sums += _weighted(terms, wc).sum(dim=2, dtype=torch.float64)
-            col_sums[:, c0:c1] = _weighted(terms, None if wr is None else wr[:, None]).sum(dim=1, dtype=torch.float64)
-        return row_sums, col_sums
+        row_parts, col_parts, grams = [], [], ([], [])
+        if n_rows and n_cols:
+            wr = None if row_weight is None else row_weight.to(cdt)
+            step = n_cols if keep_gram else sizing.queue_chunk_columns(n_rows, xr.element_size())
+            for c0 in range(0, n_cols, step):
+                c1 = min(n_cols, c0 + step)
+                gx, gy = xr @ xc[c0:c1].T, yr @ yc[c0:c1].T
+                terms = pair_terms(gx, gy, rxr, ryr, rxc[c0:c1], ryc[c0:c1], eps)
+                wc = None if col_weight is None else col_weight[c0:c1].to(cdt)
+                row_parts.append(_weighted(terms, wc).sum(dim=2, dtype=torch.float64))
+                by_row = _weighted(terms, None if wr is None else wr[:, None])
+                col_parts.append(torch.stack([by_row[:, :split].sum(dim=1, dtype=torch.float64),
+                                              by_row[:, split:].sum(dim=1, dtype=torch.float64)]))
+                if keep_gram:
+                    grams[0].append(gx)
+                    grams[1].append(gy)
+        zeros = xr.new_zeros
+        row_sums = sum(row_parts[1:], row_parts[0]) if row_parts else zeros(N_STATS, n_rows, dtype=torch.float64)
+        col_sums = torch.cat(col_parts, dim=2) if col_parts else zeros(2, N_STATS, n_cols, dtype=torch.float64)
+        gram_x = gram_y = None
+        if keep_gram:
+            gram_x = grams[0][0] if grams[0] else zeros(n_rows, n_cols)
+            gram_y = grams[1][0] if grams[1] else zeros(n_rows, n_cols)
+        return row_sums, col_sums, gram_x, gram_y
+
+
+def block_sums(x, y, rx, ry, eps: float, exclude_self: bool, col_weight=None,
+               budget_mb: Optional[float] = None) -> torch.Tensor:
+    """(4, n) float64 sums of rows over the other rows of the same set (or all of them with
+    exclude_self=False), columns weighted by col_weight. Row chunks bound the memory (D2SM_PANEL_MB,
+    default ``budget_mb`` or 64 MiB); the diagonal is masked, never subtracted, so nothing is left
+    of it by rounding. Differentiable."""
+    cdt = compute_dtype(x.dtype)
+    xs, ys = x.to(cdt), y.to(cdt)
+    n = xs.shape[0]
+    wc = None if col_weight is None else col_weight.to(cdt)
+    step = sizing.queue_chunk_columns(n, xs.element_size(), budget_mb)  # rows per chunk, against all n columns
+    parts = []
+    with torch.autocast(x.device.type, enabled=False):
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            terms = pair_terms(xs[r0:r1] @ xs.T, ys[r0:r1] @ ys.T, rx[r0:r1], ry[r0:r1], rx, ry, eps)
+            if exclude_self:
+                diagonal = torch.arange(r0, r1, device=xs.device)[:, None] == torch.arange(n, device=xs.device)
+                terms = torch.where(diagonal, 0.0, terms)
+            parts.append(_weighted(terms, wc).sum(dim=2, dtype=torch.float64))
+    if not parts:
+        return torch.zeros(N_STATS, n, dtype=torch.float64, device=x.device)
+    return torch.cat(parts, dim=1)
 
 
 def divergence_rows(sums: torch.Tensor, divergence: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,133 +157,274 @@ def divergence_rows(sums: torch.Tensor, divergence: str) -> tuple[torch.Tensor, 
     raise ValueError(f"divergence {divergence!r} does not decompose into queue statistics; use one of {DECOMPOSABLE}")
 
 
-def block_sums(x, y, rx, ry, eps: float, exclude_self: bool, col_weight=None) -> torch.Tensor:
-    """(4, n) float64 sums of rows over the other rows of the same set (or all of them with
-    exclude_self=False), columns weighted by col_weight. Row chunks bound the memory; the
-    diagonal is masked, never subtracted, so nothing is left of it by rounding."""
+# ---------------------------------------------------------------------------------------------
+# The kept state
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class EnqueuePlan:
+    """Where an enqueue of a batch writes (docs/DESIGN.md §3.6), computed on the device from the
+    batch's finite flags and the ring's pointer and fill (no host sync): the K = min(N, size)
+    candidate slots, which of them take a row (``takes``) and from which batch row (``source``),
+    which of those held a row that leaves (``evicted``), and the rows they hold now."""
+    slots: torch.Tensor
+    takes: torch.Tensor
+    source: torch.Tensor
+    evicted: torch.Tensor
+    old_x: torch.Tensor
+    old_y: torch.Tensor
+    n_valid: torch.Tensor  # finite rows of the batch (0-d, on the device)
+
+
+@dataclasses.dataclass
+class PendingBatch:
+    """What a loss over (batch, queue) leaves for ``FeatureQueue.enqueue_last_batch``: its own
+    copy of the batch's rows (in the queue's dtype), the enqueue plan it was computed for, the
+    batch rows' sums over the filled rows (4, N) and the change of every filled row's sums that
+    the enqueue brings (4, filled): + the finite batch rows' terms − the evicted rows' terms."""
+    x: torch.Tensor
+    y: torch.Tensor
+    plan: Optional[EnqueuePlan]  # None: the loss knew no row could be evicted (the queue far from full)
+    row_sums: torch.Tensor
+    col_delta: torch.Tensor
+
+
+class QueueStatistics(nn.Module):
+    """The kept statistics of a ``FeatureQueue`` (docs/DESIGN.md §3.6): for each of its ``size``
+    slots the float64 sums A, B, C, D of the row's pair terms over the other filled rows, for one
+    kernel floor ``eps``, and the rows' inverse norms; their update on enqueue; and the pending
+    batch of the last loss.
+
+    Invariants: ``row_sums`` stays float64 through every module cast (``.float()``, ``.half()``,
+    ``.to(dtype)``): a cast that changes the rows' dtype recomputes the sums for the new rows
+    (``FeatureQueue._apply``). The pending batch is discarded by every change of the queue.
+    """
+
+    def __init__(self, size: int, dtype: torch.dtype, device, eps: float):
+        super().__init__()
+        self.eps = float(eps)
+        self.register_buffer("row_sums", torch.zeros(N_STATS, size, dtype=torch.float64, device=device))
+        self.register_buffer("row_inv_norms", torch.zeros(2, size, dtype=compute_dtype(dtype), device=device))
+        self._pending: Optional[PendingBatch] = None
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+    # -- pending batch ---------------------------------------------------------------------------
+    def record_pending(self, pending: Optional[PendingBatch]) -> None:
+        self._pending = pending
+
+    def discard_pending(self) -> None:
+        self._pending = None
+
+    def has_pending(self) -> bool:
+        return self._pending is not None
+
+    def take_pending(self) -> Optional[PendingBatch]:
+        pending, self._pending = self._pending, None
+        return pending
+
+    def __getstate__(self):  # pickling and deepcopy: a pending batch belongs to the live object
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_pending"] = None
+        return state
+
+    # -- the sums --------------------------------------------------------------------------------
+    def sums(self, filled: int) -> torch.Tensor:
+        return self.row_sums[:, :filled]
+
+    def inverse_norms(self, filled: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.row_inv_norms[0, :filled], self.row_inv_norms[1, :filled]
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        self.row_sums.zero_()
+        self.row_inv_norms.zero_()
+        self.discard_pending()
+
+    @torch.no_grad()
+    def refresh(self, xm: torch.Tensor, ym: torch.Tensor) -> None:
+        """Recompute the sums of the filled rows (xm, ym) exactly: O(q²·d), in row chunks."""
+        n = xm.shape[0]
+        rx, ry = inverse_norms(xm), inverse_norms(ym)
+        self.row_inv_norms.zero_()
+        self.row_sums.zero_()
+        self.row_inv_norms[0, :n], self.row_inv_norms[1, :n] = rx.to(self.row_inv_norms.dtype), \
+            ry.to(self.row_inv_norms.dtype)
+        budget = sizing.refresh_chunk_mb(xm.device)
+        self.row_sums[:, :n] = block_sums(xm, ym, rx, ry, self.eps, exclude_self=True, budget_mb=budget)
+        self.discard_pending()
+
+    @torch.no_grad()
+    def update(self, plan: EnqueuePlan, new_x, new_y, filled, x_buffer, y_buffer, kernels,
+               pending: Optional[PendingBatch] = None) -> None:
+        """Before the slots are written: the entering rows' terms are added to every kept row's
+        sums, the evicted rows' terms subtracted, and the entering rows' own sums formed over the
+        kept rows and the other entering rows. O(K·q·d) for K candidate slots in one
+        ``cross_sums`` call; no host sync. With ``pending`` (the loss's sums for this very batch
+        and plan) only O(K²·d): the queue is not read again."""
+        eps = self.eps
+        slots, takes, evicted = plan.slots, plan.takes, plan.evicted
+        cdt = self.row_inv_norms.dtype
+        size = self.row_sums.shape[1]
+        kept = torch.arange(size, device=slots.device) < filled  # slots fill in order: 0 … filled − 1
+        kept[slots] = kept[slots] & ~takes
+        rx_new, ry_new = inverse_norms(new_x), inverse_norms(new_y)
+        rx_old, ry_old = self.row_inv_norms[0, slots], self.row_inv_norms[1, slots]
+        new_new = block_sums(new_x, new_y, rx_new, ry_new, eps, exclude_self=True, col_weight=takes.to(cdt))
+        if pending is None:
+            # entering rows (weight +1 where they take) and evicted rows (−1) against every slot
+            rows_x, rows_y = torch.cat([new_x, plan.old_x]), torch.cat([new_y, plan.old_y])
+            weight = torch.cat([takes.to(cdt), -evicted.to(cdt)])
+            row_sums, col_sums, _, _ = kernels.cross_sums(
+                rows_x, rows_y, torch.cat([rx_new, rx_old]), torch.cat([ry_new, ry_old]),
+                x_buffer, y_buffer, self.row_inv_norms[0], self.row_inv_norms[1], eps, weight, kept.to(cdt),
+                slots.shape[0], False)
+            entering = row_sums[:, :slots.shape[0]] + new_new
+            col_delta = col_sums[0] + col_sums[1]
+        else:
+            on_evicted, _, _, _ = kernels.cross_sums(new_x, new_y, rx_new, ry_new, plan.old_x, plan.old_y, rx_old,
+                                                     ry_old, eps, None, evicted.to(cdt), slots.shape[0], False)
+            entering = pending.row_sums[:, plan.source] - on_evicted + new_new
+            col_delta = torch.zeros_like(self.row_sums)
+            col_delta[:, :pending.col_delta.shape[1]] = pending.col_delta
+        self.row_sums.add_(torch.where(kept, col_delta, 0.0))
+        self.row_sums[:, slots] = torch.where(takes, entering, self.row_sums[:, slots])
+        self.row_inv_norms[0, slots] = torch.where(takes, rx_new.to(cdt), rx_old)
+        self.row_inv_norms[1, slots] = torch.where(takes, ry_new.to(cdt), ry_old)
+        self.discard_pending()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss over (live rows, queue rows)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class QueueView:
+    """What the loss needs of a queue: its filled rows (views), their kept statistics, and the
+    plan an enqueue of the batch would follow (None when no row can be evicted by it)."""
+    x: torch.Tensor
+    y: torch.Tensor
+    stats: QueueStatistics
+    plan: Callable[[torch.Tensor, torch.Tensor], Optional[EnqueuePlan]]
+    dtype: torch.dtype  # the queue's storage dtype
+
+
+def _cross_block(x, y, rx, ry, view: QueueView, rxm, rym, finite, eps, kernels, keep_gram: bool, pending: bool):
+    """One ``cross_sums`` call: the live rows (and, for a pending batch, the rows its enqueue would
+    evict) against the filled rows. Returns (live rows' sums (4, N), filled rows' sums over the
+    finite live rows (4, q), the enqueue's change of the filled rows' sums or None, the plan, the
+    live rows' Gram blocks or None)."""
+    n = x.shape[0]
+    cdt = rx.dtype
+    rows_x, rows_y, r_x, r_y, weight = x, y, rx, ry, finite.to(cdt)
+    plan = view.plan(x, y) if pending else None
+    if plan is not None:
+        slots = plan.slots
+        rows_x, rows_y = torch.cat([x, plan.old_x.to(x.dtype)]), torch.cat([y, plan.old_y.to(y.dtype)])
+        r_x = torch.cat([rx, view.stats.row_inv_norms[0, slots].to(cdt)])
+        r_y = torch.cat([ry, view.stats.row_inv_norms[1, slots].to(cdt)])
+        weight = torch.cat([weight, -plan.evicted.to(cdt)])
+    keep = keep_gram and sizing.keep_gram(rows_x.shape[0], view.x.shape[0], cdt)
+    row_sums, col_sums, gram_x, gram_y = kernels.cross_sums(rows_x, rows_y, r_x, r_y, view.x, view.y, rxm, rym,
+                                                            eps, weight, None, n, keep)
+    delta = None
+    if pending:
+        delta = (col_sums[0] + col_sums[1]).detach() if plan is not None else col_sums[0].detach()
+    grams = (gram_x[:n], gram_y[:n]) if keep else None
+    return row_sums[:, :n], col_sums[0], delta, plan, grams
+
+
+def _totals(x, y, view: QueueView, divergence, exclude_self, eps, kernels, keep_gram):
+    """Every row's sums (4, N + q) and what the gradient and the pending batch need."""
+    filled = view.x.shape[0]
     cdt = compute_dtype(x.dtype)
-    xs, ys = x.to(cdt), y.to(cdt)
-    n = xs.shape[0]
-    out = torch.zeros(N_STATS, n, dtype=torch.float64, device=x.device)
-    wc = None if col_weight is None else col_weight.to(cdt)
-    step = _chunk_columns(n, xs.element_size())  # rows per chunk, against all n columns
-    with torch.autocast(x.device.type, enabled=False):
-        _block_rows(xs, ys, rx, ry, eps, exclude_self, wc, step, out)
-    return out
+    rx, ry = inverse_norms(x), inverse_norms(y)
+    rxm, rym = view.stats.inverse_norms(filled)
+    pending = x.dtype == view.dtype  # the enqueue stores the rows exactly as the loss saw them
+    if rxm.dtype != cdt:  # x promoted past the queue's dtype: norms in the wider dtype, as the full pass
+        rxm, rym = inverse_norms(view.x.to(cdt)), inverse_norms(view.y.to(cdt))
+    # Column sums over the finite live rows only: exactly what an enqueue of these rows adds to the
+    # queue rows (a row with a NaN makes the loss NaN anyway).
+    finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y).all(dim=1)
+    live_q, queue_l, delta, plan, grams = _cross_block(x, y, rx, ry, view, rxm, rym, finite, eps, kernels,
+                                                       keep_gram, pending)
+    live_totals = live_q + block_sums(x, y, rx, ry, eps, exclude_self)
+    queue_totals = view.stats.sums(filled) + queue_l
+    if not exclude_self:
+        queue_totals = queue_totals + self_terms(rxm, rym, eps)
+    if pending:
+        view.stats.record_pending(PendingBatch(x.detach().clone(), y.detach().clone(), plan, live_q.detach(),
+                                               delta))
+    totals = torch.cat([live_totals, queue_totals], dim=1)
+    return totals, finite, (rx, ry, rxm, rym), grams
 
 
-def _block_rows(xs, ys, rx, ry, eps, exclude_self, wc, step, out) -> None:
-    n = xs.shape[0]
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        terms = pair_terms(xs[r0:r1] @ xs.T, ys[r0:r1] @ ys.T, rx[r0:r1], ry[r0:r1], rx, ry, eps)
-        if exclude_self:
-            idx = torch.arange(r0, r1, device=xs.device)
-            terms[:, idx - r0, idx] = 0.0
-        if wc is not None:
-            terms = _weighted(terms, wc)
-        out[:, r0:r1] = terms.sum(dim=2, dtype=torch.float64)
+def _backward(kernels, inputs, grad_rows, options, need_x, need_y, grams):
+    """The backend's queue backward; NaN gradients for a non-finite input (docs/DESIGN.md §2.6)."""
+    x, y, xm, ym, saved = inputs
+    gx, gy = kernels.backward(x, y, xm, ym, saved, grad_rows.to(saved.dtype), *options, need_x, need_y,
+                              *(grams or (None, None)))
+    nan = torch.where(torch.isfinite(x).all() & torch.isfinite(y).all(), 0.0, math.nan)
+    return (gx + nan if need_x else gx), (gy + nan if need_y else gy)
 
 
-# The C++ cross block may hand its N×q Gram blocks to the gradient (fused_backward_cross) when
-# both fit in this many bytes: two N×q×d products fewer per step.
-KEEP_GRAM_BYTES = 1 << 30
+def _reduce(rows, finite, reduction):
+    rows = torch.where(finite.all(), rows.clamp_min(0.0), math.nan)  # docs/DESIGN.md §2.5, §2.6
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
 
 
-def _gram_handover(x, xm, reduction: str, backward_op) -> bool:
-    """Whether the forward keeps the cross block's Gram blocks for the gradient: CPU tensors with
-    the C++ extension's backward op, a gradient formed in the forward (mean/sum), and blocks
-    within KEEP_GRAM_BYTES."""
-    if reduction == "none" or backward_op is not getattr(torch.ops.d2sm_ext, "fused_backward", None):
-        return False
-    if not _has_fused_cross_sums(x):
-        return False
-    return 2 * x.shape[0] * xm.shape[0] * compute_dtype(x.dtype).itemsize <= KEEP_GRAM_BYTES
+def _row_weights(reduction, m, cdt, device):
+    if reduction == "mean":
+        return torch.full((1, m), 1.0 / m, dtype=cdt, device=device)
+    return torch.ones(1, m, dtype=cdt, device=device)
 
 
 class QueueDivergence(torch.autograd.Function):
-    """The loss over (live rows, queue rows) from the queue's kept statistics. Forward: values
-    (and, for "mean"/"sum", the gradient through the backend's backward op, as the fused ops do);
-    backward: scales it, or for "none" runs the backward op with the upstream gradient."""
+    """The loss from the kept statistics on a fused backend. Forward: values (and, for
+    "mean"/"sum", the gradient through the backend's queue backward, as the fused ops do);
+    backward: ``fused_op.backward_from_saved``, the fused ops' own autograd formula."""
 
     @staticmethod
-    def forward(ctx, x, y, queue, divergence, exclude_self, reduction, eps, backward_op, tf32):
-        n = x.shape[0]
-        xm, ym = queue.memory()
-        filled = xm.shape[0]
-        cdt = compute_dtype(x.dtype)
-        rx, ry = inverse_norms(x), inverse_norms(y)
-        rxm, rym = queue.inverse_norms(filled)
-        if rxm.dtype != cdt:  # x promoted past the queue's dtype: norms in the wider dtype, as the full pass
-            rxm, rym = inverse_norms(xm.to(cdt)), inverse_norms(ym.to(cdt))
-        # Column sums over the finite live rows only: exactly what an enqueue of these rows adds to
-        # the queue rows, so the queue can reuse them (a row with a NaN makes the loss NaN anyway).
-        finite_rows = torch.isfinite(x).all(dim=1) & torch.isfinite(y).all(dim=1)
+    def forward(ctx, x, y, view, divergence, exclude_self, reduction, eps, kernels, tf32):
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        handover = (need_x or need_y) and _gram_handover(x, xm, reduction, backward_op)
-        if handover:
-            with torch.autocast(x.device.type, enabled=False):
-                live_q, queue_l, gram_x, gram_y = torch.ops.d2sm_ext.cross_sums(
-                    x, y, rx, ry, xm, ym, rxm, rym, eps, finite_rows.to(cdt), None, True)
-        else:
-            live_q, queue_l = cross_sums(x, y, rx, ry, xm, ym, rxm, rym, eps, row_weight=finite_rows.to(cdt))
-        queue.stash_live_sums(x, y, live_q, queue_l)
-        live_totals = live_q + block_sums(x, y, rx, ry, eps, exclude_self)
-        queue_totals = queue.statistics(filled) + queue_l
-        if not exclude_self:
-            queue_totals = queue_totals + self_terms(rxm, rym, eps)
-        totals = torch.cat([live_totals, queue_totals], dim=1)
+        fused = reduction != "none" and (need_x or need_y)
+        totals, finite, (rx, ry, rxm, rym), grams = _totals(x, y, view, divergence, exclude_self, eps, kernels,
+                                                            keep_gram=fused and kernels.keeps_gram)
         rows, ubar, vbar = divergence_rows(totals, divergence)
-        finite = finite_rows.all()  # queue rows are always finite
-        rows = torch.where(finite, rows.clamp_min(0.0), math.nan)  # docs/DESIGN.md §2.5, §2.6
-        m = n + filled
-        if reduction == "mean":
-            value, weights = rows.mean(), torch.full((1, m), 1.0 / m, dtype=cdt, device=x.device)
-        elif reduction == "sum":
-            value, weights = rows.sum(), torch.ones(1, m, dtype=cdt, device=x.device)
-        else:
-            value, weights = rows, None
+        value = _reduce(rows, finite, reduction)
+        cdt = compute_dtype(x.dtype)
         saved = torch.stack([torch.cat([rx, rxm]), torch.cat([ry, rym]), totals[0].to(cdt), totals[1].to(cdt),
                              ubar.to(cdt), vbar.to(cdt)])[:, None, :]
-        ctx.options = (divergence, exclude_self, eps, tf32, reduction, backward_op, x.dtype, y.dtype)
-        if weights is not None and (need_x or need_y):
-            if handover:  # an op without an autocast kernel: autocast is switched off around it
-                with torch.autocast(x.device.type, enabled=False):
-                    gx, gy = torch.ops.d2sm_ext.fused_backward_cross(
-                        x.detach(), y.detach(), xm, ym, saved, weights, divergence, exclude_self, eps, tf32, need_x,
-                        need_y, gram_x, gram_y)
-                del gram_x, gram_y
-            else:
-                gx, gy = backward_op(x.detach(), y.detach(), xm, ym, saved, weights, divergence, exclude_self, eps,
-                                     tf32, need_x, need_y)
-            nan = torch.where(finite, 0.0, math.nan)  # a non-finite input: NaN gradients too
-            ctx.save_for_backward(gx + nan if need_x else gx, gy + nan if need_y else gy)
+        options = (divergence, exclude_self, eps, tf32)
+        inputs = (x.detach(), y.detach(), view.x, view.y, saved)
+        if fused:
+            grads = _backward(kernels, inputs, _row_weights(reduction, saved.shape[2], cdt, x.device), options,
+                              need_x, need_y, grams)
         else:
-            ctx.save_for_backward(x.detach(), y.detach(), xm, ym, saved)
+            grads = (x.new_empty(0, dtype=cdt), y.new_empty(0, dtype=cdt))
+        fused_op.save_for_backward(
+            ctx, reduction, (x.dtype, y.dtype), (need_x, need_y), grads,
+            lambda saved_inputs, grad_rows, nx, ny: _backward(kernels, saved_inputs, grad_rows.reshape(1, -1),
+                                                              options, nx, ny, None),
+            inputs)
         return value.to(cdt)
 
     @staticmethod
     def backward(ctx, grad):
-        divergence, exclude_self, eps, tf32, reduction, backward_op, x_dtype, y_dtype = ctx.options
-        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if reduction != "none":
-            gx, gy = ctx.saved_tensors
-            scale = grad.to(gx.dtype if need_x else gy.dtype)
-            gx = gx * scale if need_x else None
-            gy = gy * scale if need_y else None
-        else:
-            x, y, xm, ym, saved = ctx.saved_tensors
-            gx, gy = backward_op(x, y, xm, ym, saved, grad.reshape(1, -1).to(saved.dtype), divergence, exclude_self,
-                                 eps, tf32, need_x, need_y)
-            finite = torch.isfinite(x).all() & torch.isfinite(y).all()
-            nan = torch.where(finite, 0.0, math.nan)
-            gx = gx + nan if need_x else None
-            gy = gy + nan if need_y else None
-        return (None if gx is None else gx.to(x_dtype), None if gy is None else gy.to(y_dtype),
-                None, None, None, None, None, None, None)
+        gx, gy = fused_op.backward_from_saved(ctx, grad)
+        return gx, gy, None, None, None, None, None, None, None
 
 
-def queue_divergence(x, y, queue, divergence, exclude_self, reduction, eps, backward_op, tf32) -> torch.Tensor:
-    """The D2SM divergence over (x, y) followed by the queue's filled rows, from its statistics."""
-    value = QueueDivergence.apply(x, y, queue, divergence, exclude_self, reduction, float(eps), backward_op, tf32)
+def queue_divergence(x, y, view: QueueView, divergence, exclude_self, reduction, eps, kernels, tf32) -> torch.Tensor:
+    """The D2SM divergence over (x, y) followed by the queue's filled rows, from its statistics,
+    with the backend's ``QueueKernels``; leaves the pending batch for ``enqueue_last_batch``."""
+    if kernels.backward is None:  # differentiable sums: autograd forms the gradient (the reference)
+        totals, finite, _, _ = _totals(x, y, view, divergence, exclude_self, eps, kernels, keep_gram=False)
+        value = _reduce(divergence_rows(totals, divergence)[0], finite, reduction).to(compute_dtype(x.dtype))
+    else:
+        value = QueueDivergence.apply(x, y, view, divergence, exclude_self, reduction, float(eps), kernels, tf32)
     return value.to(output_dtype(x))

@@ -6,7 +6,7 @@ import torch
 
 import d2sm_ext
 from d2sm_ext import auto_rules
-from d2sm_ext.backends import resolve_backend
+from d2sm_ext.registry import resolve_backend
 
 GPU = torch.device("cuda", 0)
 

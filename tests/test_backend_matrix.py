@@ -187,7 +187,7 @@ def test_torch_compile_fullgraph(row, env, div, monkeypatch):
 
 
 def test_fused_op_schemas_are_identical():
-    """The C++ and Triton ops implement one contract (op_glue): the same arguments and returns."""
+    """The C++ and Triton ops implement one contract (fused_op): the same arguments and returns."""
     ns = torch.ops.d2sm_ext
     if not (hasattr(ns, CPP_OPS[0]) and hasattr(ns, TRITON_OPS[0])):
         pytest.skip("needs both the C++ extension and Triton loaded")

@@ -14,7 +14,7 @@ import torch
 import d2sm_ext
 from backend_cases import assert_f32_close, make_inputs, run_backend
 from cuda_toolkit import find_cuda_home, library_dir
-from d2sm_ext import cpp_backend
+from d2sm_ext.backends import cpp_backend
 
 if cpp_backend.LOAD_ERROR is not None:
     pytest.fail(f"the C++ extension must be built for the test suite: {cpp_backend.LOAD_ERROR}", pytrace=False)
@@ -43,7 +43,7 @@ def test_deterministic_and_thread_count(cpu_pass):
 
 
 def test_auto_picks_cpu_backend_for_cpu_tensors():
-    assert d2sm_ext.backends.resolve_backend("auto", "cpu", torch.float32).name == "cpu"
+    assert d2sm_ext.registry.resolve_backend("auto", "cpu", torch.float32).name == "cpu"
     with pytest.raises(ValueError, match="backend 'cpu' cannot run.*CPU tensors only"):
         d2sm_ext.d2sm_divergence(torch.randn(4, 3, device="meta"), torch.randn(4, 3, device="meta"), backend="cpu")
 
@@ -52,7 +52,7 @@ def test_missing_extension_falls_back_with_one_warning():
     code = ("import warnings, torch\nwarnings.simplefilter('always')\n"
             "with warnings.catch_warnings(record=True) as w:\n    import d2sm_ext\n"
             "print(len([x for x in w if 'unavailable' in str(x.message)]))\n"
-            "print(d2sm_ext.backends.resolve_backend('auto', 'cpu', torch.float32).name)\n"
+            "print(d2sm_ext.registry.resolve_backend('auto', 'cpu', torch.float32).name)\n"
             "print('cpu' in d2sm_ext.unavailable_backends())\n")
     env = dict(os.environ, D2SM_LOAD_EXTENSION="0", PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

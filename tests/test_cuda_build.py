@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import d2sm_ext
-from d2sm_ext import cpp_backend, op_glue
+from d2sm_ext import fused_op
+from d2sm_ext.backends import cpp_backend
 from cuda_toolkit import cuda_build_blocker
-from d2sm_ext.backends import resolve_backend
+from d2sm_ext.registry import resolve_backend
 
 
 
@@ -42,18 +43,18 @@ def test_registration_and_errors():
 
 
 def test_precision_switch():
-    assert op_glue.use_tf32("tf32") and not op_glue.use_tf32("ieee")
+    assert fused_op.use_tf32("tf32") and not fused_op.use_tf32("ieee")
     old = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert not op_glue.use_tf32("auto")
+        assert not fused_op.use_tf32("auto")
         torch.set_float32_matmul_precision("high")
-        assert op_glue.use_tf32("auto")
+        assert fused_op.use_tf32("auto")
         if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9: the per-backend setting
             torch.set_float32_matmul_precision("highest")
             torch.backends.cuda.matmul.fp32_precision = "tf32"  # alone: get_float32_matmul_precision() raises
-            assert op_glue.use_tf32("auto")
+            assert fused_op.use_tf32("auto")
             torch.backends.cuda.matmul.fp32_precision = "ieee"
-            assert not op_glue.use_tf32("auto")
+            assert not fused_op.use_tf32("auto")
     finally:
         torch.set_float32_matmul_precision(old)  # sets both the global and the per-backend value

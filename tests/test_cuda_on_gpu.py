@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backend_cases import LOW_PRECISION_FACTOR, assert_f32_close, make_inputs, max_err, reference64, run_backend
-from d2sm_ext import cpp_backend
+from d2sm_ext.backends import cpp_backend
 from d2sm_ext.reference import dense_divergence
 
 if not torch.cuda.is_available():

@@ -12,7 +12,8 @@ from torch import nn
 import d2sm_ext
 from backend_matrix import rows_params
 from loss_cases import SAMPLING_CONFIGS, tiny_extractor
-from d2sm_ext import D2SMLoss, triton_backend
+from d2sm_ext import D2SMLoss
+from d2sm_ext.backends import triton_backend
 
 ROWS = [pytest.param(p.values[0], id=p.id) for p in rows_params(variants=False)]
 

@@ -11,7 +11,7 @@ from backend_cases import (assert_f32_close, check_compile_fullgraph, check_half
                            edge_inputs, make_inputs, max_err, reference64)
 from backend_matrix import ops_of, rows_params
 from loss_cases import SAMPLING_CONFIGS, tiny_denoiser, tiny_extractor
-from d2sm_ext.backends import resolve_backend
+from d2sm_ext.registry import resolve_backend
 from d2sm_ext.reference import d2sm_reference
 
 ROWS = rows_params(variants=False)

@@ -232,7 +232,7 @@ def test_cross_sums_match_float64(form, panel_mb, monkeypatch):
     if form == "pytorch":
         monkeypatch.setattr(queue_stats, "_has_fused_cross_sums", lambda t: False)
     elif form == "triton":
-        triton_backend = pytest.importorskip("d2sm_ext.triton_backend", reason="Triton is not importable")
+        triton_backend = pytest.importorskip("d2sm_ext.backends.triton_backend", reason="Triton is not importable")
         if not triton_backend.interpreter_active():
             pytest.skip("Triton's kernel on CPU tensors needs TRITON_INTERPRET=1 (set without a GPU)")
         monkeypatch.setattr(queue_stats, "_has_fused_cross_sums", lambda t: False)

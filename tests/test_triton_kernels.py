@@ -11,9 +11,9 @@ import torch
 
 import d2sm_ext
 from backend_cases import make_inputs
-from d2sm_ext.backends import resolve_backend
+from d2sm_ext.registry import resolve_backend
 
-triton_backend = pytest.importorskip("d2sm_ext.triton_backend", reason="Triton is not importable")
+triton_backend = pytest.importorskip("d2sm_ext.backends.triton_backend", reason="Triton is not importable")
 
 DEVICES = (["cpu"] if triton_backend.interpreter_active() else []) + (["cuda"] if torch.cuda.is_available() else [])
 if not DEVICES:

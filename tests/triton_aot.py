@@ -9,7 +9,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from d2sm_ext import triton_kernels as K
+from d2sm_ext.backends import triton_kernels as K
 
 INPUT_POINTERS = {"xl_ptr", "yl_ptr", "xm_ptr", "ym_ptr", "x_ptr", "xi_ptr", "yi_ptr", "xr_ptr", "yr_ptr", "xc_ptr",
                   "yc_ptr"}

@@ -156,7 +156,7 @@ const bool cuda_kernels_registered =
 TORCH_LIBRARY_IMPL(d2sm_ext, CUDA, m) {
   m.impl("fused_forward", &fused_forward);
   m.impl("fused_backward", &fused_backward);
-  m.impl("fused_backward_cross", &fused_backward_cross);
+  m.impl("queue_backward", &queue_backward);
 }
 
 }  // namespace d2sm_ext

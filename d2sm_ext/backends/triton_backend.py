@@ -36,7 +36,7 @@ gradient buffers.
 
 Precision: row statistics and all accumulations are fp32. float32 inputs use IEEE fp32 dots or
 TF32 tensor-core dots (``precision``: "ieee", "tf32", or "auto" = follow PyTorch's float32
-matmul setting, see ``op_glue.use_tf32``); float16/bfloat16 inputs use fp16/bf16 tensor-core
+matmul setting, see ``fused_op.use_tf32``); float16/bfloat16 inputs use fp16/bf16 tensor-core
 dots with fp32 accumulation. W' is rounded to the input dtype for the gradient GEMM; for
 float16 each row of W' is first scaled by a power of two into fp16's range and the product is
 unscaled exactly (``pow2_row_scale``), so the gradient weights (~1/(B·M²) for "mean") never flush
@@ -52,35 +52,14 @@ from typing import Optional
 
 import torch
 
-from . import env, op_glue
+from .. import fused_op, sizing
 from . import triton_kernels as K
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (problems of a batch)
 
 
 def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _config(device: torch.device) -> dict:
-    """Tiles of the Gram+epilogue kernel (D2SM_TRITON_CONFIG overrides)."""
-    override = env.tiles("D2SM_TRITON_CONFIG")
-    if override:
-        return override
-    if device.type == "cpu":  # interpreter: fewer, larger numpy ops are faster
-        return dict(BM=64, BN=64, BK=128, num_warps=1, num_stages=1)
-    return dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3)
-
-
-def _grad_config(device: torch.device) -> dict:
-    """Tiles of the panel GEMM (D2SM_TRITON_GRAD_CONFIG overrides)."""
-    override = env.tiles("D2SM_TRITON_GRAD_CONFIG")
-    if override:
-        return override
-    if device.type == "cpu":
-        return dict(BM=64, BN=128, BK=64, num_warps=1, num_stages=1)
-    return dict(BM=128, BN=128, BK=32, num_warps=8, num_stages=3)
 
 
 def _as3d(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -99,13 +78,9 @@ def _launch_rowwise(kernel, segs, out, extra_args, bm=32, bd=128):
     for t, offset in segs:
         if t.shape[1] == 0:
             continue
-        grid = (triton_cdiv(t.shape[1], bm), t.shape[0])
+        grid = (sizing.cdiv(t.shape[1], bm), t.shape[0])
         kernel[grid](t, t.stride(0), t.stride(1), t.stride(2), t.shape[1], t.shape[2], *extra_args(t),
                      out, out.stride(0), offset, BM=bm, BD=bd)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def _inv_norms(segs, bsz: int, m: int, device) -> torch.Tensor:
@@ -123,7 +98,7 @@ def _colsum(segs, weights: torch.Tensor, d: int) -> torch.Tensor:
         if t.shape[1] == 0:
             continue
         bd = 128
-        grid = (triton_cdiv(d, bd), bsz)
+        grid = (sizing.cdiv(d, bd), bsz)
         K.weighted_colsum_kernel[grid](t, t.stride(0), t.stride(1), t.stride(2), t.shape[1], d,
                                        weights, weights.stride(0), offset, out,
                                        ACCUMULATE=not first, BM=32, BD=bd)
@@ -158,25 +133,6 @@ def _precision(dtype: torch.dtype, tf32: bool) -> str:
     return "tf32" if tf32 else "ieee"
 
 
-def _panel_rows(bsz: int, m: int, n_panels: int, bm: int, rows: int) -> int:
-    """Rows per gradient panel: the (B, R, M) fp32 W' panels fit D2SM_PANEL_MB (default 512)."""
-    forced = env.integer("D2SM_PANEL_ROWS", 1)
-    if forced is not None:
-        return forced
-    budget = (env.positive_number("D2SM_PANEL_MB") or 512.0) * 2 ** 20
-    r = int(budget // (bsz * m * 4 * max(n_panels, 1)))
-    r = max(bm, (r // bm) * bm)
-    return min(r, rows)
-
-
-def _n_splits(device: torch.device, row_blocks: int, bsz: int, n_tiles: int) -> int:
-    """Column splits per row block so the grid fills the GPU (≥ 4 programs per SM)."""
-    if device.type != "cuda":
-        return min(2, n_tiles)  # interpreter: still exercise the split reduction
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_tiles, triton_cdiv(target, max(row_blocks * bsz, 1))))
-
-
 def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
                compute_stats: bool, gx: Optional[torch.Tensor], gy: Optional[torch.Tensor]):
     """Panels of rows against all columns: statistics (B, 3, M) and the pairwise gradient sums
@@ -188,17 +144,17 @@ def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
     bsz, n, d = x.shape
     q = 0 if xm is None else xm.shape[1]
     m = n + q
-    if bsz > _MAX_GRID_Y:
-        raise ValueError(f"the triton backend handles at most {_MAX_GRID_Y} problems per call, got B={bsz}; "
+    if bsz > sizing.MAX_GRID_Y:
+        raise ValueError(f"the triton backend handles at most {sizing.MAX_GRID_Y} problems per call, got B={bsz}; "
                          f"split the batch")
-    cfg = _config(x.device)
-    gcfg = _grad_config(x.device)
+    cfg = sizing.triton_pair_tiles(x.device)
+    gcfg = sizing.triton_grad_tiles(x.device)
     bm, bn_, bk = cfg["BM"], cfg["BN"], cfg["BK"]
     xm_, ym_ = (x, y) if xm is None else (xm, ym)  # Q = 0: the memory pointers are never read
     stats = torch.empty(3, bsz, m, dtype=torch.float32, device=x.device) if compute_stats else None
     precision = _precision(x.dtype, tf32)
     upcast = interpreter_active() and x.dtype == torch.bfloat16
-    n_tiles = triton_cdiv(n, bn_) + triton_cdiv(q, bn_)
+    n_tiles = sizing.cdiv(n, bn_) + sizing.cdiv(q, bn_)
     n_panels = int(gx is not None) + int(gy is not None)
     dummy = rx.new_empty(1)
     log_ba = (bn.double() / a.double()).log().float()  # log(B_i/A_i), a per-row constant that must not cancel
@@ -210,16 +166,16 @@ def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
         if rows == 0:  # no live rows (only memory rows): nothing to launch for this segment
             continue
         grads = live and n_panels > 0
-        panel = _panel_rows(bsz, m, n_panels, bm, rows) if grads else rows
+        panel = sizing.triton_panel_rows(bsz, m, n_panels, bm, rows) if grads else rows
         wx = torch.empty(bsz, panel, m, dtype=torch.float32, device=x.device) if grads and gx is not None else None
         wy = torch.empty(bsz, panel, m, dtype=torch.float32, device=x.device) if grads and gy is not None else None
         for r0 in range(0, rows, panel):
             r1 = min(rows, r0 + panel)
             xi, yi = seg_x[:, r0:r1], seg_y[:, r0:r1]
-            row_blocks = triton_cdiv(r1 - r0, bm)
-            splits = _n_splits(x.device, row_blocks, bsz, n_tiles)
-            per_split = triton_cdiv(n_tiles, splits)
-            splits = triton_cdiv(n_tiles, per_split)
+            row_blocks = sizing.cdiv(r1 - r0, bm)
+            splits = sizing.triton_column_splits(x.device, row_blocks, bsz, n_tiles)
+            per_split = sizing.cdiv(n_tiles, splits)
+            splits = sizing.cdiv(n_tiles, per_split)
             part = torch.empty(3, splits, bsz, panel, dtype=torch.float32, device=x.device) if compute_stats else dummy
             K.pair_panel_kernel[(row_blocks, splits, bsz)](
                 xi, yi, xi.stride(0), xi.stride(1), xi.stride(2), yi.stride(0), yi.stride(1), yi.stride(2),
@@ -243,7 +199,7 @@ def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
                 # scaled by a power of two into fp16's range and the product unscaled exactly.
                 scaled = x.dtype == torch.float16
                 row_scale = pow2_row_scale(w_panel[:, :r1 - r0]) if scaled else dummy
-                grid = (triton_cdiv(r1 - r0, gcfg["BM"]), triton_cdiv(d, gcfg["BN"]), bsz)
+                grid = (sizing.cdiv(r1 - r0, gcfg["BM"]), sizing.cdiv(d, gcfg["BN"]), bsz)
                 K.panel_grad_kernel[grid](
                     w_panel, panel, r1 - r0,
                     seg, seg.stride(0), seg.stride(1), seg.stride(2), mem, mem.stride(0), mem.stride(1), mem.stride(2),
@@ -313,14 +269,8 @@ def _grads(x, y, xm, ym, div, exclude_self, eps, tf32, weights, need_gx, need_gy
 # ----------------------------------------------------------------------------------------------
 # Queue statistics: the cross block's row and column sums (docs/DESIGN.md §3.6)
 # ----------------------------------------------------------------------------------------------
-def _cross_config(device: torch.device) -> dict:
-    if device.type == "cpu":  # interpreter
-        return dict(BM=32, BN=64, BK=64, num_warps=1, num_stages=1)
-    return dict(BM=64, BN=128, BK=32, num_warps=8, num_stages=3)
-
-
-def cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight=None, col_weight=None):
-    """queue_stats.cross_sums on the GPU: one Triton kernel over BM×BN tiles of the cross block
+def _cross_sums_block(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight=None, col_weight=None):
+    """Row sums (4, R) and column sums (4, C) of one row group on the GPU: one Triton kernel over BM×BN tiles of the cross block
     (both Gram tiles with fp32 accumulation; fp32 inputs with IEEE dots, so that a row's terms
     added on enqueue and subtracted on eviction are the same numbers; fp16/bf16 on tensor
     cores), fp32 partial sums per tile, added in float64 in a fixed order: deterministic, no
@@ -336,10 +286,10 @@ def cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight=None, 
     xr, yr, xc, yc = (t.to(dtype) for t in (xr, yr, xc, yc))
     norms = [t.to(torch.float32).contiguous() for t in (rxr, ryr, rxc, ryc)]
     weights = [None if w is None else w.to(torch.float32).contiguous() for w in (row_weight, col_weight)]
-    cfg = _cross_config(xr.device)
-    n_rb, n_cb = triton_cdiv(n_rows, cfg["BM"]), triton_cdiv(n_cols, cfg["BN"])
-    if n_cb > _MAX_GRID_Y:
-        raise ValueError(f"cross_sums on Triton handles at most {_MAX_GRID_Y * cfg['BN']} columns per call")
+    cfg = sizing.triton_cross_tiles(xr.device)
+    n_rb, n_cb = sizing.cdiv(n_rows, cfg["BM"]), sizing.cdiv(n_cols, cfg["BN"])
+    if n_cb > sizing.MAX_GRID_Y:
+        raise ValueError(f"cross_sums on Triton handles at most {sizing.MAX_GRID_Y * cfg['BN']} columns per call")
     row_part = torch.empty(n_cb, 4, n_rows, dtype=torch.float32, device=xr.device)
     col_part = torch.empty(n_rb, 4, n_cols, dtype=torch.float32, device=xr.device)
     dummy = norms[0]
@@ -358,8 +308,33 @@ def cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight=None, 
     return row_sums, col_sums
 
 
+def cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps, row_weight, col_weight, row_split, keep_gram):
+    """``QueueKernels.cross_sums`` (registry): the kernel above once per row group (the rows before
+    ``row_split`` and the rest; the same work as one launch over all rows). Triton does not hand
+    Gram blocks over (``keeps_gram`` is False for this backend)."""
+    if keep_gram:
+        raise ValueError("the triton backend's cross sums do not keep Gram blocks")
+    groups = []
+    for r0, r1 in ((0, row_split), (row_split, xr.shape[0])):
+        w = None if row_weight is None else row_weight[r0:r1]
+        groups.append(_cross_sums_block(xr[r0:r1], yr[r0:r1], rxr[r0:r1], ryr[r0:r1], xc, yc, rxc, ryc, eps, w,
+                                        col_weight))
+    row_sums = torch.cat([groups[0][0], groups[1][0]], dim=1)
+    return row_sums, torch.stack([groups[0][1], groups[1][1]]), None, None
+
+
+def queue_backward(x, y, xm, ym, saved, grad_rows, divergence, exclude_self, eps, tf32, need_gx, need_gy,
+                   gram_x=None, gram_y=None):
+    """``QueueKernels.backward``: the backward op over (live rows, memory rows), recomputing the
+    live rows' Gram tiles (no hand-over on Triton)."""
+    if gram_x is not None or gram_y is not None:
+        raise ValueError("the triton backend's queue backward recomputes the Gram blocks; none can be given")
+    return torch.ops.d2sm_ext.triton_d2sm_backward(x, y, xm, ym, saved, grad_rows, divergence, exclude_self,
+                                                   float(eps), tf32, need_gx, need_gy)
+
+
 # ----------------------------------------------------------------------------------------------
-# Custom ops (torch.library): opaque to torch.compile; fake shapes and autograd in op_glue.
+# Custom ops (torch.library): opaque to torch.compile; fake shapes and autograd in fused_op.
 # ----------------------------------------------------------------------------------------------
 def _nonfinite_problems(a: torch.Tensor, bn: torch.Tensor) -> torch.Tensor:
     """(B,) flags: a non-finite value in any row of the problem (live or memory, x or y). Their
@@ -378,7 +353,7 @@ def _nan_where(bad: torch.Tensor, t: Optional[torch.Tensor]) -> Optional[torch.T
 def _grad_or_empty(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """A custom op's outputs may not alias each other: a fresh empty tensor for "not computed"."""
     if grad is None:
-        return like.new_empty(op_glue.EMPTY, dtype=torch.float32)
+        return like.new_empty(fused_op.EMPTY, dtype=torch.float32)
     return grad.reshape(like.shape)
 
 
@@ -387,7 +362,7 @@ def triton_d2sm(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[torch.Tenso
                 y_memory: Optional[torch.Tensor], divergence: str, exclude_self: bool, eps: float,
                 tf32: bool, reduction: str, need_gx: bool, need_gy: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward op of ``op_glue`` (value, saved (6, B, M) fp32, ∂value/∂x, ∂value/∂y)."""
+    """The forward op of ``fused_op`` (value, saved (6, B, M) fp32, ∂value/∂x, ∂value/∂y)."""
     x3, y3, xm3, ym3 = _as3d(x), _as3d(y), _as3d(x_memory), _as3d(y_memory)
     bsz, n, _ = x3.shape
     m = n + (0 if xm3 is None else xm3.shape[1])
@@ -417,7 +392,7 @@ def triton_d2sm_backward(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[to
                          y_memory: Optional[torch.Tensor], saved: torch.Tensor, grad_rows: torch.Tensor,
                          divergence: str, exclude_self: bool, eps: float, tf32: bool,
                          need_gx: bool, need_gy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backward op of ``op_glue`` (reduction "none": row weights w = grad_rows)."""
+    """The backward op of ``fused_op`` (reduction "none": row weights w = grad_rows)."""
     x3, y3, xm3, ym3 = _as3d(x), _as3d(y), _as3d(x_memory), _as3d(y_memory)
     rx, ry, a, bn, pu, qv = saved.unbind(0)
     xsegs, ysegs = _segments(x3, xm3), _segments(y3, ym3)
@@ -431,7 +406,7 @@ def triton_d2sm_backward(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[to
     return _grad_or_empty(gx, x), _grad_or_empty(gy, y)
 
 
-op_glue.register("d2sm_ext::triton_d2sm", "d2sm_ext::triton_d2sm_backward")
+fused_op.register("d2sm_ext::triton_d2sm", "d2sm_ext::triton_d2sm_backward")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,8 +415,8 @@ op_glue.register("d2sm_ext::triton_d2sm", "d2sm_ext::triton_d2sm_backward")
 def d2sm_triton(x, y, divergence="kl", exclude_self=True, reduction="mean", eps=1e-8,
                 x_memory=None, y_memory=None, precision="auto"):
     """Same contract as ``d2sm_reference`` (inputs validated by ``d2sm_divergence``)."""
-    return op_glue.call(torch.ops.d2sm_ext.triton_d2sm, x, y, divergence, exclude_self, reduction, eps,
-                        x_memory, y_memory, op_glue.use_tf32(precision))
+    return fused_op.call(torch.ops.d2sm_ext.triton_d2sm, x, y, divergence, exclude_self, reduction, eps,
+                        x_memory, y_memory, fused_op.use_tf32(precision))
 
 
 def usable() -> Optional[str]:

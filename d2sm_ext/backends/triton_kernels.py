@@ -1,4 +1,4 @@
-"""Triton kernels of the fused D2SM backend (launched by ``d2sm_ext.triton_backend``).
+"""Triton kernels of the fused D2SM backend (launched by ``d2sm_ext.backends.triton_backend``).
 
 Notation (docs/DESIGN.md §2): rows i, columns j of the sample set (M = N live + Q memory rows),
 r_i = 1/‖x_i‖ (0 for a zero row), a_ij = K'_ij = max((1 + r_i r_j x_i·x_j)/2, 0) + eps and

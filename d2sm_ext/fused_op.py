@@ -59,35 +59,59 @@ def fake_backward(x, y, x_memory, y_memory, saved, grad_rows, divergence, exclud
     return (x.new_empty(_grad_shape(x, need_gx), dtype=cdt), y.new_empty(_grad_shape(y, need_gy), dtype=cdt))
 
 
+def save_for_backward(ctx, reduction: str, input_dtypes: tuple, need: tuple, grads: tuple, recompute: Callable,
+                      recompute_inputs: tuple) -> None:
+    """The autograd state of a fused computation (the fused ops and the queue path share it): for
+    "mean"/"sum" the gradients ``grads`` formed in the forward; for "none" the tensors
+    ``recompute_inputs`` and ``recompute(inputs, grad_rows, need_x, need_y) -> (gx, gy)``, which
+    forms them in the backward with the upstream gradient as row weights."""
+    ctx.fused_state = (reduction, input_dtypes, need, recompute)
+    ctx.save_for_backward(*(recompute_inputs if reduction == "none" else grads))
+
+
+def backward_from_saved(ctx, grad_value) -> tuple:
+    """(∂/∂x, ∂/∂y) from ``save_for_backward``'s state: the upstream gradient applied in the
+    compute dtype, then one cast to each input's dtype. The fused computations are
+    differentiable once: a double backward (create_graph=True) raises instead of returning a
+    gradient without a graph."""
+    reduction, input_dtypes, need, recompute = ctx.fused_state
+    need_x = need[0] and ctx.needs_input_grad[0]
+    need_y = need[1] and ctx.needs_input_grad[1]
+    if torch.is_grad_enabled() and (need_x or need_y):
+        raise RuntimeError("the fused D2SM kernels are differentiable once: a double backward (create_graph=True, "
+                           "e.g. a gradient penalty) needs backend='reference'")
+    if reduction == "none":
+        gx, gy = recompute(ctx.saved_tensors, grad_value, need_x, need_y)
+    else:
+        gx, gy = ctx.saved_tensors
+        scale = grad_value.to(gx.dtype)
+        gx, gy = gx * scale, gy * scale
+    dx = gx.to(input_dtypes[0]) if need_x else None
+    dy = gy.to(input_dtypes[1]) if need_y else None
+    return dx, dy
+
+
 def _setup_context(ctx, inputs, output):
     x, y, x_memory, y_memory, divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy = inputs
     _, saved, gx, gy = output
-    ctx.options = (divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy)
-    ctx.input_dtypes = (x.dtype, y.dtype)
-    if reduction == "none":
-        ctx.save_for_backward(x, y, x_memory, y_memory, saved)
-    else:
-        ctx.save_for_backward(gx, gy)
+    ctx.options = (divergence, exclude_self, eps, tf32)
+    save_for_backward(ctx, reduction, (x.dtype, y.dtype), (need_gx, need_gy), (gx, gy), ctx.recompute,
+                      (x, y, x_memory, y_memory, saved))
 
 
 def _make_backward(backward_op: Callable):
+    def recompute(ctx):
+        def run(inputs, grad_rows, need_x, need_y):
+            return backward_op(*inputs, grad_rows, *ctx.options, need_x, need_y)
+        return run
+
+    def setup_context(ctx, inputs, output):
+        ctx.recompute = recompute(ctx)
+        _setup_context(ctx, inputs, output)
+
     def backward(ctx, grad_value, _grad_saved, _grad_gx, _grad_gy):
-        divergence, exclude_self, eps, tf32, reduction, need_gx, need_gy = ctx.options
-        need_x = need_gx and ctx.needs_input_grad[0]
-        need_y = need_gy and ctx.needs_input_grad[1]
-        if reduction == "none":
-            x, y, x_memory, y_memory, saved = ctx.saved_tensors
-            gx, gy = backward_op(x, y, x_memory, y_memory, saved, grad_value, divergence, exclude_self, eps, tf32,
-                                 need_x, need_y)
-        else:
-            gx, gy = ctx.saved_tensors
-            scale = grad_value.to(gx.dtype)
-            gx, gy = gx * scale, gy * scale
-        # Upstream gradient applied in the compute dtype, then one cast to each input's dtype.
-        dx = gx.to(ctx.input_dtypes[0]) if need_x else None
-        dy = gy.to(ctx.input_dtypes[1]) if need_y else None
-        return dx, dy, None, None, None, None, None, None, None, None, None
-    return backward
+        return (*backward_from_saved(ctx, grad_value), None, None, None, None, None, None, None, None, None)
+    return backward, setup_context
 
 
 # Libraries holding the autocast registrations (kept alive for the life of the process).
@@ -127,7 +151,8 @@ def register(forward_name: str, backward_name: str) -> None:
     _register_autocast(backward_name)
     namespace, name = backward_name.split("::")
     backward_op = getattr(getattr(torch.ops, namespace), name)
-    torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
+    backward, setup_context = _make_backward(backward_op)
+    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
 
 
 @torch.compiler.assume_constant_result  # a global setting read once at trace time (Dynamo can't call it)

@@ -1,0 +1,66 @@
+"""Registers the built-in backends with the registry (d2sm_ext.registry), highest priority first
+for "auto": triton (10, CUDA, where d2sm_ext/auto_rules.py's measured rule says it is faster than
+the reference), cuda (7, explicit only until validated on a GPU), cpu (5), reference (0, any
+device and dtype). A backend that cannot be loaded here is recorded with the
+reason (``d2sm_ext.unavailable_backends()``) instead of failing the import.
+
+Each fused backend defines its torch.library ops on import: the C++ extension's
+``d2sm_ext::fused_forward``/``fused_backward`` (csrc/ops.cpp) and Triton's
+``d2sm_ext::triton_d2sm``/``triton_d2sm_backward`` (triton_backend.py) share one schema
+(fused_op's docstring; tests/test_backend_matrix.py checks that they are equal).
+
+Each backend also registers its kernels of the kept-statistics queue path (``QueueKernels``,
+docs/DESIGN.md §3.6), beside the rest of it: reference — the PyTorch cross sums, gradient by
+autograd; cpu — the C++ cross-sums kernel and queue backward, with the Gram hand-over; cuda —
+cuBLAS Gram + PyTorch cross sums and the C++ queue backward (compiled here, validated on a GPU by
+the GPU issue's run); triton — its cross-sums kernel and backward op.
+"""
+import warnings
+
+from .. import auto_rules
+from . import cpp_backend
+from ..queue_stats import cross_sums_torch
+from ..reference import d2sm_reference
+from ..registry import QueueKernels, mark_unavailable, register_backend
+
+
+def _reference_supports(device_type, dtype):
+    return None  # any device, any floating dtype
+
+
+register_backend("reference", d2sm_reference, _reference_supports, priority=0,
+                 description="pure PyTorch with autograd, any device and dtype (the ground truth)",
+                 queue=QueueKernels(cross_sums_torch))
+
+
+if cpp_backend.LOAD_ERROR is None:
+    register_backend("cpu", cpp_backend.d2sm_fused, cpp_backend.supports_on("cpu", "cpu"), priority=5,
+                     description="fused C++ kernel (BLAS panels + parallel epilogue), CPU tensors",
+                     positive_eps=True,
+                     queue=QueueKernels(cpp_backend.cross_sums, cpp_backend.queue_backward, keeps_gram=True))
+else:
+    mark_unavailable("cpu", cpp_backend.LOAD_ERROR)
+    warnings.warn(f"d2sm_ext: backend 'cpu' unavailable, 'auto' uses the reference on CPU: {cpp_backend.LOAD_ERROR}",
+                  RuntimeWarning, stacklevel=2)
+if cpp_backend.CUDA_ERROR is None:
+    # Explicit only (never picked by "auto"): these kernels compile in CI but have not yet been run
+    # on a GPU; "auto" keeps Triton on CUDA until benchmarks/gpu_check.sh has validated them.
+    register_backend("cuda", cpp_backend.d2sm_fused, cpp_backend.supports_on("cuda", "cuda"), priority=7,
+                     description="fused C++/CUDA kernels (cuBLAS panels + CUDA epilogue), CUDA tensors; "
+                                 "explicit only until validated on a GPU", auto_device_types=(),
+                     usable=cpp_backend.cuda_usable, positive_eps=True,
+                     queue=QueueKernels(cross_sums_torch, cpp_backend.queue_backward, keeps_gram=True))
+else:
+    mark_unavailable("cuda", cpp_backend.CUDA_ERROR)
+
+try:
+    from . import triton_backend
+except Exception as exc:  # Triton missing or broken: the rest of the package still works
+    mark_unavailable("triton", f"cannot import Triton: {type(exc).__name__}: {exc}")
+else:
+    register_backend("triton", triton_backend.d2sm_triton, triton_backend.supports, priority=10,
+                     description="fused Triton kernels: Gram tiles + fused epilogue, panel GEMM for the "
+                                 "gradient (CUDA; CPU only under TRITON_INTERPRET=1)", auto_device_types=("cuda",),
+                     usable=triton_backend.usable, positive_eps=True,
+                     queue=QueueKernels(triton_backend.cross_sums, triton_backend.queue_backward),
+                     auto_rule=auto_rules.gpu_fused_reason)

@@ -1,0 +1,106 @@
+"""Every sizing rule of the Python-side kernels in one place: tiles, panel rows, column splits,
+chunk budgets, with their defaults and the environment variables that override them
+(docs/DESIGN.md §7). The C++ driver's own panel rule (csrc/driver.cpp: 64 MiB panels on CPU,
+256 MiB on CUDA, the same D2SM_PANEL_MB / D2SM_PANEL_ROWS) is stated there, next to its loop.
+
+Why these numbers: the Triton tiles are the configurations measured on an H100
+(benchmarks/tune_triton.py, BENCHMARKS.md); the interpreter's are larger and fewer because each
+interpreted program is a batch of NumPy calls. Panel budgets bound the scratch W' panels so that
+memory stays O(M) for a fixed budget while the GEMMs stay large enough to run at their rate.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import env
+
+MIB = 2 ** 20
+
+# ---------------------------------------------------------------------------------------------
+# Triton (d2sm_ext/backends/triton_backend.py)
+# ---------------------------------------------------------------------------------------------
+MAX_GRID_Y = 65535  # CUDA's limit on the second and third grid dimensions
+TRITON_PANEL_MB = 512.0  # default budget of the (B, R, M) fp32 W' panels
+
+
+def triton_pair_tiles(device: torch.device) -> dict:
+    """Tiles of the Gram+epilogue kernel (D2SM_TRITON_CONFIG overrides)."""
+    override = env.tiles("D2SM_TRITON_CONFIG")
+    if override:
+        return override
+    if device.type == "cpu":  # interpreter: fewer, larger numpy ops are faster
+        return dict(BM=64, BN=64, BK=128, num_warps=1, num_stages=1)
+    return dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3)
+
+
+def triton_grad_tiles(device: torch.device) -> dict:
+    """Tiles of the panel GEMM W'·X (D2SM_TRITON_GRAD_CONFIG overrides)."""
+    override = env.tiles("D2SM_TRITON_GRAD_CONFIG")
+    if override:
+        return override
+    if device.type == "cpu":
+        return dict(BM=64, BN=128, BK=64, num_warps=1, num_stages=1)
+    return dict(BM=128, BN=128, BK=32, num_warps=8, num_stages=3)
+
+
+def triton_cross_tiles(device: torch.device) -> dict:
+    """Tiles of the queue statistics' cross-sums kernel."""
+    if device.type == "cpu":  # interpreter
+        return dict(BM=32, BN=64, BK=64, num_warps=1, num_stages=1)
+    return dict(BM=64, BN=128, BK=32, num_warps=8, num_stages=3)
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def triton_panel_rows(bsz: int, m: int, n_panels: int, bm: int, rows: int) -> int:
+    """Rows per gradient panel: the (B, R, M) fp32 W' panels fit D2SM_PANEL_MB (default 512);
+    D2SM_PANEL_ROWS forces the count (tests use it to run several panels at small M)."""
+    forced = env.integer("D2SM_PANEL_ROWS", 1)
+    if forced is not None:
+        return forced
+    budget = (env.positive_number("D2SM_PANEL_MB") or TRITON_PANEL_MB) * MIB
+    r = int(budget // (bsz * m * 4 * max(n_panels, 1)))
+    r = max(bm, (r // bm) * bm)
+    return min(r, rows)
+
+
+def triton_column_splits(device: torch.device, row_blocks: int, bsz: int, n_tiles: int) -> int:
+    """Column splits per row block so that the grid fills the GPU (>= 4 programs per SM); two
+    under the interpreter, so that the split reduction is exercised."""
+    if device.type != "cuda":
+        return min(2, n_tiles)
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_tiles, cdiv(target, max(row_blocks * bsz, 1))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Queue statistics (d2sm_ext/queue_stats.py)
+# ---------------------------------------------------------------------------------------------
+QUEUE_CHUNK_MB = 64.0  # default budget of one chunk of the PyTorch cross/block sums
+# The loss keeps the cross block's Gram blocks for the gradient and the enqueue when both sides'
+# blocks fit in this many bytes (else it recomputes them chunk by chunk).
+KEEP_GRAM_BYTES = 1 << 30
+
+
+def queue_chunk_columns(rows: int, element_size: int, budget_mb: Optional[float] = None) -> int:
+    """Columns per chunk of the PyTorch pair-term sums over ``rows`` rows: the two Gram blocks and
+    the (4, rows, C) terms with their temporaries (~12 values per pair) within D2SM_PANEL_MB
+    (default ``budget_mb`` or 64 MiB)."""
+    budget = (env.positive_number("D2SM_PANEL_MB") or budget_mb or QUEUE_CHUNK_MB) * MIB
+    return max(1, int(budget // (12 * element_size * max(rows, 1))))
+
+
+def keep_gram(rows: int, cols: int, dtype: torch.dtype) -> bool:
+    """Whether the (rows × cols) Gram blocks of both sides fit KEEP_GRAM_BYTES."""
+    return 2 * rows * cols * dtype.itemsize <= KEEP_GRAM_BYTES
+
+
+def refresh_chunk_mb(device: torch.device) -> float:
+    """Chunk budget of ``refresh_statistics`` (O(q²·d) in row chunks against all q rows): 64 MiB on
+    CPU (cache-sized), 1 GiB on a GPU, so that a chunk is a GEMM that fills the device (at
+    q = 2^20 the CPU budget would give one-row chunks: a million vector-matrix products)."""
+    return QUEUE_CHUNK_MB if device.type == "cpu" else 1024.0
