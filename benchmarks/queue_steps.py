@@ -3,7 +3,13 @@ full recomputation over queue.memory(), side by side in one process.
 
 One step = the loss over (N live rows, the filled queue) + backward + enqueue of the batch, with a
 full queue (the steady state), fp32, kl, exclude_self, "mean". Both paths use the same backend
-("auto": the C++ kernel on CPU, Triton on CUDA), the same inputs and the same queue contents.
+("auto": the C++ kernel on CPU, Triton on CUDA), the same inputs and the same queue contents; the
+kept-statistics step enqueues with ``enqueue_last_batch()`` (the loss's sums), the full one with
+``enqueue(x, y)``.
+
+The floor (docs/DESIGN.md §3.6): a step must read the queue three times, two (2N×d)(d×q) products
+(the live rows and the rows the enqueue evicts, one per side) and one (N×q)(q×d) (the gradient).
+Those three torch.mm are timed in the same run, and the table gives step / floor.
 
     python -m benchmarks.queue_steps --out out/queue            # CPU sizes of BENCHMARKS.md
     python -m benchmarks.queue_steps --device cuda --n 256 --dim 1280 --sizes 1048576 --dtype bfloat16
@@ -41,10 +47,11 @@ def make_queue(size: int, dim: int, device: str, dtype: torch.dtype, statistics:
         if size <= exact_up_to:
             queue.refresh_statistics()
         else:
-            queue.row_inv_norms[0] = queue_stats.inverse_norms(queue.x_buffer)
-            queue.row_inv_norms[1] = queue_stats.inverse_norms(queue.y_buffer)
-            queue.row_sums[:2] = 0.5 * (size - 1)
-            queue.row_sums[2:] = 1e-3 * size
+            stats = queue.stats
+            stats.row_inv_norms[0] = queue_stats.inverse_norms(queue.x_buffer)
+            stats.row_inv_norms[1] = queue_stats.inverse_norms(queue.y_buffer)
+            stats.row_sums[:2] = 0.5 * (size - 1)
+            stats.row_sums[2:] = 1e-3 * size
     return queue
 
 
@@ -61,8 +68,27 @@ def step_fn(queue, n: int, dim: int, device: str, dtype: torch.dtype, use_statis
             xm, ym = queue.memory()
             loss = d2sm_ext.d2sm_divergence(x, y0, x_memory=xm, y_memory=ym)
         loss.backward()
-        queue.enqueue(x.detach(), y0)
+        if use_statistics:
+            queue.enqueue_last_batch()
+        else:
+            queue.enqueue(x.detach(), y0)
     return step
+
+
+def floor_fn(queue, n: int, device: str, dtype: torch.dtype):
+    """The three products a step cannot avoid, in the dtype the step multiplies in (the compute
+    dtype on CPU, the input dtype on CUDA)."""
+    mm_dtype = dtype if device == "cuda" else queue_stats.compute_dtype(dtype)
+    xb, yb = queue.x_buffer.to(mm_dtype), queue.y_buffer.to(mm_dtype)
+    g = torch.Generator(device=device).manual_seed(2)
+    rows = torch.randn(2 * n, xb.shape[1], generator=g, device=device).to(mm_dtype)
+    weights = torch.randn(n, xb.shape[0], generator=g, device=device).to(mm_dtype)
+
+    def floor():
+        torch.mm(rows, xb.T)
+        torch.mm(rows, yb.T)
+        torch.mm(weights, xb)
+    return floor
 
 
 def main(argv=None) -> int:
@@ -98,9 +124,15 @@ def main(argv=None) -> int:
             if cell is not None and not args.no_memory:
                 cell["peak_mib"] = peak_memory_bytes(step, args.device) / 2 ** 20
             row[label] = cell
-            del queue
-        full, fast = row.get("full"), row.get("statistics")
+            if stats:  # the floor products, timed right after the step on the same queue rows
+                floor = floor_fn(queue, args.n, args.device, dtype)
+                floor_times = time_ms(floor, args.device, args.reps, warmup=1, budget_s=args.budget)
+                row["floor"] = None if floor_times is None else summarize(floor_times)
+                del floor
+            del queue, step
+        full, fast, floor = row.get("full"), row.get("statistics"), row.get("floor")
         row["speedup"] = full["median"] / fast["median"] if full and fast else None
+        row["over_floor"] = fast["median"] / floor["median"] if fast and floor else None
         rows.append(row)
         print(json.dumps(row), flush=True)
     machine = (torch.cuda.get_device_name() if args.device == "cuda"
@@ -108,8 +140,9 @@ def main(argv=None) -> int:
     lines = [f"Queue steps on {args.device} ({machine}), torch {torch.__version__}: N={args.n}, d={args.dim}, "
              f"{args.dtype}, kl, loss + backward + enqueue, median ms (p20–p80), peak MiB above the inputs "
              f"(statistics exact up to q={args.exact_up_to}, placeholders beyond: timing only)", "",
-             "| q | statistics: ms | full recomputation: ms | speed-up | peak MiB (statistics / full) |",
-             "|---:|---:|---:|---:|---:|"]
+             "| q | statistics: ms | full recomputation: ms | speed-up | floor products: ms | step / floor | "
+             "peak MiB (statistics / full) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         def cell(c):
             return "—" if c is None else f"{c['median']:.1f} ({c['p20']:.1f}–{c['p80']:.1f})"
@@ -118,8 +151,9 @@ def main(argv=None) -> int:
             return "—" if c is None or "peak_mib" not in c else f"{c['peak_mib']:.0f}"
 
         speed = "—" if r["speedup"] is None else f"{r['speedup']:.1f}×"
+        over = "—" if r["over_floor"] is None else f"{r['over_floor']:.2f}×"
         lines.append(f"| {r['q']:,} | {cell(r['statistics'])} | {cell(r['full'])} | {speed} | "
-                     f"{mem(r['statistics'])} / {mem(r['full'])} |")
+                     f"{cell(r.get('floor'))} | {over} | {mem(r['statistics'])} / {mem(r['full'])} |")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.out, f"queue_steps_{args.device}.md"), "w") as f:

@@ -339,7 +339,7 @@ def _totals(x, y, view: QueueView, divergence, exclude_self, eps, kernels, keep_
     filled = view.x.shape[0]
     cdt = compute_dtype(x.dtype)
     rx, ry = inverse_norms(x), inverse_norms(y)
-    rxm, rym = view.stats.inverse_norms(filled)
+    rxm, rym = (t.clone() for t in view.stats.inverse_norms(filled))  # O(q); the next enqueue rewrites them
     pending = x.dtype == view.dtype  # the enqueue stores the rows exactly as the loss saw them
     if rxm.dtype != cdt:  # x promoted past the queue's dtype: norms in the wider dtype, as the full pass
         rxm, rym = inverse_norms(view.x.to(cdt)), inverse_norms(view.y.to(cdt))
@@ -384,47 +384,60 @@ def _row_weights(reduction, m, cdt, device):
 
 
 class QueueDivergence(torch.autograd.Function):
-    """The loss from the kept statistics on a fused backend. Forward: values (and, for
+    """The loss from the totals of every row on a fused backend. Forward: values (and, for
     "mean"/"sum", the gradient through the backend's queue backward, as the fused ops do);
-    backward: ``fused_op.backward_from_saved``, the fused ops' own autograd formula."""
+    backward: ``fused_op.backward_from_saved``, the fused ops' own autograd formula. The sums are
+    formed before (``_totals``, with the side effect of leaving the pending batch), so that the
+    Function itself is pure (torch.compile traces it)."""
 
     @staticmethod
-    def forward(ctx, x, y, view, divergence, exclude_self, reduction, eps, kernels, tf32):
+    def forward(ctx, x, y, xm, ym, totals, finite, norms, gram_x, gram_y, options, kernels):
+        divergence, exclude_self, reduction, eps, tf32 = options
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        fused = reduction != "none" and (need_x or need_y)
-        totals, finite, (rx, ry, rxm, rym), grams = _totals(x, y, view, divergence, exclude_self, eps, kernels,
-                                                            keep_gram=fused and kernels.keeps_gram)
         rows, ubar, vbar = divergence_rows(totals, divergence)
         value = _reduce(rows, finite, reduction)
         cdt = compute_dtype(x.dtype)
-        saved = torch.stack([torch.cat([rx, rxm]), torch.cat([ry, rym]), totals[0].to(cdt), totals[1].to(cdt),
-                             ubar.to(cdt), vbar.to(cdt)])[:, None, :]
-        options = (divergence, exclude_self, eps, tf32)
-        inputs = (x.detach(), y.detach(), view.x, view.y, saved)
-        if fused:
-            grads = _backward(kernels, inputs, _row_weights(reduction, saved.shape[2], cdt, x.device), options,
-                              need_x, need_y, grams)
+        saved = torch.stack([norms[0], norms[1], totals[0].to(cdt), totals[1].to(cdt), ubar.to(cdt),
+                             vbar.to(cdt)])[:, None, :]
+        backward_options = (divergence, exclude_self, eps, tf32)
+        inputs = (x.detach(), y.detach(), xm, ym, saved)
+        if reduction != "none" and (need_x or need_y):
+            grams = (gram_x, gram_y) if gram_x is not None else None
+            grads = _backward(kernels, inputs, _row_weights(reduction, saved.shape[2], cdt, x.device),
+                              backward_options, need_x, need_y, grams)
         else:
             grads = (x.new_empty(0, dtype=cdt), y.new_empty(0, dtype=cdt))
         fused_op.save_for_backward(
             ctx, reduction, (x.dtype, y.dtype), (need_x, need_y), grads,
             lambda saved_inputs, grad_rows, nx, ny: _backward(kernels, saved_inputs, grad_rows.reshape(1, -1),
-                                                              options, nx, ny, None),
+                                                              backward_options, nx, ny, None),
             inputs)
         return value.to(cdt)
 
     @staticmethod
     def backward(ctx, grad):
         gx, gy = fused_op.backward_from_saved(ctx, grad)
-        return gx, gy, None, None, None, None, None, None, None
+        return gx, gy, None, None, None, None, None, None, None, None, None
 
 
 def queue_divergence(x, y, view: QueueView, divergence, exclude_self, reduction, eps, kernels, tf32) -> torch.Tensor:
     """The D2SM divergence over (x, y) followed by the queue's filled rows, from its statistics,
     with the backend's ``QueueKernels``; leaves the pending batch for ``enqueue_last_batch``."""
+    cdt = compute_dtype(x.dtype)
     if kernels.backward is None:  # differentiable sums: autograd forms the gradient (the reference)
-        totals, finite, _, _ = _totals(x, y, view, divergence, exclude_self, eps, kernels, keep_gram=False)
-        value = _reduce(divergence_rows(totals, divergence)[0], finite, reduction).to(compute_dtype(x.dtype))
+        # autograd keeps the rows it multiplied by: a copy, so that an enqueue before the backward
+        # (D2SMLoss enqueues in its forward) does not change what the gradient reads
+        rows = dataclasses.replace(view, x=view.x.clone(), y=view.y.clone())
+        totals, finite, _, _ = _totals(x, y, rows, divergence, exclude_self, eps, kernels, keep_gram=False)
+        value = _reduce(divergence_rows(totals, divergence)[0], finite, reduction).to(cdt)
     else:
-        value = QueueDivergence.apply(x, y, view, divergence, exclude_self, reduction, float(eps), kernels, tf32)
+        grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+        with torch.no_grad():
+            totals, finite, (rx, ry, rxm, rym), grams = _totals(
+                x.detach(), y.detach(), view, divergence, exclude_self, eps, kernels,
+                keep_gram=grad and reduction != "none" and kernels.keeps_gram)
+        norms = (torch.cat([rx, rxm]), torch.cat([ry, rym]))
+        gram_x, gram_y = grams if grams is not None else (None, None)
+        value = QueueDivergence.apply(x, y, view.x, view.y, totals, finite, norms, gram_x, gram_y,
+                                      (divergence, exclude_self, reduction, float(eps), tf32), kernels)
     return value.to(output_dtype(x))

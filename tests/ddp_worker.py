@@ -54,7 +54,7 @@ def run(rank, world, init_file, out):
         else:
             qs.enqueue(torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, 2, dtype=torch.float64))
             qs.enqueue(torch.tensor([[6.0, -6], [float("nan"), 0]], dtype=torch.float64), torch.ones(2, 2))
-        result["stats_queue"] = (qs.x_buffer.clone(), qs.y_buffer.clone(), qs.row_sums.clone())
+        result["stats_queue"] = (qs.x_buffer.clone(), qs.y_buffer.clone(), qs.stats.row_sums.clone())
 
         # 2. loss + DDP gradients, both semantics
         for gather_live in (False, True):
@@ -68,7 +68,7 @@ def run(rank, world, init_file, out):
             result[f"grads_{gather_live}"] = [p.grad.clone() for p in net.parameters()]
             result[f"loss_{gather_live}"] = loss.detach()
             result[f"queue_{gather_live}"] = crit.queue.history()[0]
-            result[f"queue_sums_{gather_live}"] = crit.queue.row_sums.clone()
+            result[f"queue_sums_{gather_live}"] = crit.queue.stats.row_sums.clone()
             if rank == 0:
                 result[f"state_{gather_live}"] = crit.state_dict()
 

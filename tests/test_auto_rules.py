@@ -66,7 +66,7 @@ def test_the_rule_is_not_applied_to_the_kept_statistics_path(monkeypatch):
 
     seen = []
     real = functional.resolve_backend
-    monkeypatch.setattr(functional, "resolve_backend", lambda *a: (seen.append(a[4]), real(*a))[1])
+    monkeypatch.setattr(functional, "resolve_backend", lambda *a, **k: (seen.append(a[4]), real(*a, **k))[1])
     q = FeatureQueue(16, 4, statistics=True)
     q.enqueue(torch.randn(16, 4), torch.randn(16, 4))
     x, y = torch.randn(5, 4), torch.randn(5, 4)

@@ -47,7 +47,7 @@ def test_queue_statistics_identical_on_every_rank_and_equal_to_one_process(resul
     f64 = dict(dtype=torch.float64)
     single.enqueue(torch.tensor([[0.5, 0], [1, 1], [2, 2.5]], **f64), torch.ones(3, 2, **f64))  # step 1: rank 0, rank 1 (empty)
     single.enqueue(torch.tensor([[5.0, 5], [6, -6], [float("nan"), 0]], **f64), torch.ones(3, 2, **f64))  # step 2
-    torch.testing.assert_close(single.row_sums, s0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(single.stats.row_sums, s0, rtol=1e-12, atol=1e-12)
 
 
 def _single_process(gather_live):

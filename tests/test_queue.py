@@ -68,7 +68,8 @@ def test_state_dict_round_trip_and_reset():
     q2 = FeatureQueue(size=5, dim=3)
     q2.load_state_dict(q.state_dict())
     assert firsts(q2.history()[0]) == firsts(q.history()[0]) == [2, 3, 4, 5, 6]
-    assert set(q.state_dict()) == {"x_buffer", "y_buffer", "write_pointer", "filled"}
+    assert set(q.state_dict()) == {"x_buffer", "y_buffer", "write_pointer", "filled", "_extra_state"}
+    assert q.state_dict()["_extra_state"] == {"statistics": False, "eps": 1e-8}
     q2.reset()
     assert len(q2) == 0 and q2.history()[0].shape == (0, 3)
     q2.enqueue(*rows(20, 1))
