@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/* csrc/*/*)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install --quiet --upgrade pip "setuptools>=64" wheel ninja
+	$(VPY) -m pip install --quiet --upgrade pip "setuptools>=77" wheel ninja
 	$(VPY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(VPY) -m pip install --quiet --no-build-isolation -e ".[dev]"
 	touch $(STAMP)

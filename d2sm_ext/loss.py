@@ -265,6 +265,13 @@ class D2SMLoss(nn.Module):
             ValueError when every row of a sample set has at most one neighbour without a queue
             (e.g. sampling="batch", B = 2, exclude_self=True): the divergence would be exactly 0.
         """
+        if self.queue is not None and self.training and torch._C._current_graph_task_id() != -1:
+            # run during a backward pass: activation checkpointing recomputing the forward
+            raise RuntimeError(
+                "D2SMLoss with a queue was run again inside a backward pass (activation checkpointing recomputes "
+                "the forward): its first run already enqueued this batch, so the recomputed loss would differ. Call "
+                "the loss outside the checkpointed region (its extractor is frozen: there is little to save), or "
+                "checkpoint only the network being trained.")
         self._check_images(restored, clean)
         dtype = self.extractor.mean.dtype
         restored, clean = restored.to(dtype), clean.to(dtype)
