@@ -453,3 +453,24 @@ def test_edge_rows(div, excl):
         torch.testing.assert_close(gx, wgx, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(gy, wgy, rtol=1e-6, atol=1e-9)
         assert (gx[1] == 0).all()  # a zero row: zero gradient
+
+
+def test_opcheck_of_the_cpp_queue_ops():
+    """The C++ queue ops' schemas, fake implementations (torch.compile traces them without a graph
+    break) and dispatch registrations, by torch.library.opcheck."""
+    g = torch.Generator().manual_seed(4)
+    xr, yr, xc, yc = (torch.randn(n, 6, generator=g) for n in (5, 5, 9, 9))
+    norms = [queue_stats.inverse_norms(t) for t in (xr, yr, xc, yc)]
+    for keep in (False, True):
+        torch.library.opcheck(torch.ops.d2sm_ext.cross_sums.default,
+                              (xr, yr, *norms[:2], xc, yc, *norms[2:], 1e-8, torch.rand(5, generator=g), None, 3, keep))
+    q = filled_queue(9, 6, 9, dtype=torch.float32)
+    xm, ym = q.memory()
+    x, y = xr.clone(), yr.clone()
+    _, _, gram_x, gram_y = d2sm_ext.registry.resolve_backend("cpu", "cpu", torch.float32, need_queue=True).queue \
+        .cross_sums(x, y, *norms[:2], xm, ym, *q.stats.inverse_norms(9), 1e-8, None, None, 5, True)
+    saved = torch.rand(6, 1, 14, generator=g) + 0.5
+    weights = torch.full((1, 14), 1 / 14)
+    for grams in ((gram_x, gram_y), (torch.empty(0), torch.empty(0))):
+        torch.library.opcheck(torch.ops.d2sm_ext.queue_backward.default,
+                              (x, y, xm, ym, saved, weights, "kl", True, 1e-8, False, True, True, *grams))

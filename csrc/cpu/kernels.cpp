@@ -407,9 +407,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_sums_cpu(const Tensor& xr, cons
   TORCH_CHECK(row_split >= 0 && row_split <= R, "cross_sums: row_split must be in [0, R], got ", row_split);
   const auto opts = xr.options().dtype(at::kDouble);
   Tensor row_sums = at::zeros({4, R}, opts), col_sums = at::zeros({2, 4, C}, opts);
-  const Tensor none = at::empty({0}, xr.options().dtype(dtype));
-  if (R == 0 || C == 0) return {row_sums, col_sums, keep_gram ? at::zeros({R, C}, none.options()) : none,
-                                keep_gram ? at::zeros({R, C}, none.options()) : none};
+  // Outputs may not alias each other (op contract): a fresh tensor for each absent Gram block.
+  const auto gram_opts = xr.options().dtype(dtype);
+  auto absent = [&]() { return keep_gram ? at::zeros({R, C}, gram_opts) : at::empty({0}, gram_opts); };
+  if (R == 0 || C == 0) return {row_sums, col_sums, absent(), absent()};
   auto prep = [&](const Tensor& t) { return t.to(dtype).contiguous(); };
   const Tensor xr_ = prep(xr), yr_ = prep(yr), xc_ = prep(xc), yc_ = prep(yc);
   const Tensor rxr_ = prep(rxr), ryr_ = prep(ryr), rxc_ = prep(rxc), ryc_ = prep(ryc);
@@ -440,7 +441,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_sums_cpu(const Tensor& xr, cons
       }
     }
   });
-  return {row_sums, col_sums, keep_gram ? gx : none, keep_gram ? gy : none};
+  if (!keep_gram) return {row_sums, col_sums, absent(), absent()};
+  return {row_sums, col_sums, gx, gy};
 }
 
 }  // namespace
