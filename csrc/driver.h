@@ -70,11 +70,26 @@ using FinishRowsFn = void (*)(const Tensor& pairwise, const Tensor& live, const 
 using PairPassFn = Tensor (*)(const Problem& p, const RowStats& st, const Tensor& w, int div, bool exclude_self,
                               double eps, bool want_stats, Tensor gx, Tensor gy);
 
+// Cross-sums epilogue of the queue statistics (docs/DESIGN.md §3.6). gx, gy: (nr, nc) contiguous
+// raw Gram panels (compute dtype) of rows r0… of the row set against columns c0… of the column
+// set. Adds the weighted sums of the four pair terms K', K, K'·log(K'/K), K·log(K/K') into
+// `row_sums` (4, R) float64 at rows r0… (over the panel's columns, weighted by wc) and into
+// `col_sums` (4, C) float64 at columns c0… (over the panel's rows, weighted by wr). A zero weight
+// leaves its row or column out even where its terms are NaN. Deterministic.
+struct CrossArgs {
+  Tensor rxr, ryr, rxc, ryc;  // inverse norms of the rows (R) and columns (C), compute dtype
+  Tensor wr, wc;              // weights (R), (C) or undefined (all 1)
+  double eps;
+};
+using CrossEpilogueFn = void (*)(const Tensor& gx, const Tensor& gy, int64_t r0, int64_t c0, const CrossArgs& args,
+                                 Tensor& row_sums, Tensor& col_sums);
+
 struct DeviceKernels {
   PanelEpilogueFn panel_epilogue = nullptr;
   FinishRowsFn finish_rows = nullptr;
   PairPassFn own_pass = nullptr;                // optional
   bool (*use_own_pass)(const Problem&, bool want_stats) = nullptr;  // optional, with own_pass
+  CrossEpilogueFn cross_epilogue = nullptr;     // the queue statistics' cross sums
 };
 
 // Each device's sources register their table once, at library load (a static initialiser).
@@ -111,6 +126,12 @@ std::tuple<Tensor, Tensor> fused_backward(const Tensor& x, const Tensor& y, cons
                                           const std::optional<Tensor>& y_memory, const Tensor& saved,
                                           const Tensor& grad_rows, std::string divergence, bool exclude_self,
                                           double eps, bool tf32, bool need_gx, bool need_gy);
+std::tuple<Tensor, Tensor, Tensor, Tensor> cross_sums(const Tensor& xr, const Tensor& yr, const Tensor& rxr,
+                                                      const Tensor& ryr, const Tensor& xc, const Tensor& yc,
+                                                      const Tensor& rxc, const Tensor& ryc, double eps,
+                                                      const std::optional<Tensor>& row_weight,
+                                                      const std::optional<Tensor>& col_weight, int64_t row_split,
+                                                      bool keep_gram);
 std::tuple<Tensor, Tensor> queue_backward(const Tensor& x, const Tensor& y, const Tensor& x_memory,
                                           const Tensor& y_memory, const Tensor& saved, const Tensor& grad_rows,
                                           std::string divergence, bool exclude_self, double eps, bool tf32,

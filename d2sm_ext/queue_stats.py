@@ -73,9 +73,8 @@ def _weighted(terms: torch.Tensor, weight) -> torch.Tensor:
 
 def cross_sums_torch(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight=None, col_weight=None,
                      row_split: Optional[int] = None, keep_gram: bool = False):
-    """The definition of ``QueueKernels.cross_sums`` in PyTorch (the reference backend's kernel,
-    and the CUDA C++ backend's until it has a fused one): weighted sums of the pair terms between
-    row set R and column set C.
+    """The definition of ``QueueKernels.cross_sums`` in PyTorch (the reference backend's kernel):
+    weighted sums of the pair terms between row set R and column set C.
 
     xr, yr: (R, d) rows and rxr, ryr their inverse norms; xc, yc, rxc, ryc the same for C.
     Returns (row_sums (4, R), col_sums (2, 4, C), gram_x, gram_y), float64:

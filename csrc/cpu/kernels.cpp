@@ -328,11 +328,11 @@ void finish_rows_cpu(const Tensor& pairwise, const Tensor& live, const Tensor& r
 }
 
 // ---------------------------------------------------------------------------------------------
-// Cross sums for the queue statistics (docs/DESIGN.md §3.6): for row set R and column set C, the
-// weighted row and column sums of the four pair terms K', K, K'·log(K'/K), K·log(K/K'), from
-// Gram panels of column chunks (BLAS) and one vectorised pass per panel row. Row sums: fp32
-// partial sums of at most kSumChunk terms, added in double; column sums: per-thread fp32
-// partials of one panel, combined in thread order in double. Deterministic for a thread count.
+// Cross-sums epilogue of the queue statistics (docs/DESIGN.md §3.6; driver.h's CrossEpilogueFn):
+// the weighted row and column sums of the four pair terms K', K, K'·log(K'/K), K·log(K/K') of
+// one Gram panel (the driver's cross_sums makes the panels with BLAS), one vectorised pass. Row
+// sums: fp32 partial sums of at most kSumChunk terms, added in double; column sums: per-thread
+// fp32 partials of one panel, combined in thread order in double. Deterministic for a thread count.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 void cross_sums_panel(const T* gx, const T* gy, int64_t nr, int64_t nc, const T* rxr, const T* ryr, const T* rxc,
@@ -393,68 +393,30 @@ void cross_sums_panel(const T* gx, const T* gy, int64_t nr, int64_t nc, const T*
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> cross_sums_cpu(const Tensor& xr, const Tensor& yr, const Tensor& rxr,
-                                                          const Tensor& ryr, const Tensor& xc, const Tensor& yc,
-                                                          const Tensor& rxc, const Tensor& ryc, double eps,
-                                                          const std::optional<Tensor>& row_weight,
-                                                          const std::optional<Tensor>& col_weight, int64_t row_split,
-                                                          bool keep_gram) {
-  TORCH_CHECK(xr.dim() == 2 && xr.sizes() == yr.sizes() && xc.dim() == 2 && xc.sizes() == yc.sizes() &&
-                  xr.size(1) == xc.size(1),
-              "cross_sums: rows (R, d) and columns (C, d) with the same d");
-  const at::ScalarType dtype = xr.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t R = xr.size(0), C = xc.size(0);
-  TORCH_CHECK(row_split >= 0 && row_split <= R, "cross_sums: row_split must be in [0, R], got ", row_split);
-  const auto opts = xr.options().dtype(at::kDouble);
-  Tensor row_sums = at::zeros({4, R}, opts), col_sums = at::zeros({2, 4, C}, opts);
-  // Outputs may not alias each other (op contract): a fresh tensor for each absent Gram block.
-  const auto gram_opts = xr.options().dtype(dtype);
-  auto absent = [&]() { return keep_gram ? at::zeros({R, C}, gram_opts) : at::empty({0}, gram_opts); };
-  if (R == 0 || C == 0) return {row_sums, col_sums, absent(), absent()};
-  auto prep = [&](const Tensor& t) { return t.to(dtype).contiguous(); };
-  const Tensor xr_ = prep(xr), yr_ = prep(yr), xc_ = prep(xc), yc_ = prep(yc);
-  const Tensor rxr_ = prep(rxr), ryr_ = prep(ryr), rxc_ = prep(rxc), ryc_ = prep(ryc);
-  const Tensor wr = row_weight ? prep(*row_weight) : Tensor(), wc = col_weight ? prep(*col_weight) : Tensor();
-  // Column chunks: the two Gram panels (R × chunk) within the panel budget (D2SM_PANEL_MB).
-  // keep_gram: one chunk of all C columns (the caller decided it fits, sizing.keep_gram).
-  const int64_t chunk = keep_gram ? C : std::clamp<int64_t>(
-      panel_budget_bytes(false) / std::max<int64_t>(2 * R * xr_.element_size(), 1), 64, C);
-  Tensor gx, gy;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "d2sm_cross_sums_cpu", [&] {
+void cross_epilogue_cpu(const Tensor& gx, const Tensor& gy, int64_t r0, int64_t c0, const CrossArgs& args,
+                        Tensor& row_sums, Tensor& col_sums) {
+  const int64_t nr = gx.size(0), nc = gx.size(1), R = row_sums.size(1), C = col_sums.size(1);
+  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "d2sm_cross_epilogue_cpu", [&] {
     using T = scalar_t;
-    const T* wr_ptr = wr.defined() ? wr.data_ptr<T>() : nullptr;
-    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
-      const int64_t nc = std::min(chunk, C - c0);
-      // One product per side for both row groups (at::mm, not mm_out into a reused buffer:
-      // measured ~25% faster here, MKL 64×1280×16320).
-      gx = at::mm(xr_, xc_.narrow(0, c0, nc).t());
-      gy = at::mm(yr_, yc_.narrow(0, c0, nc).t());
-      // Column sums per row group: rows [0, row_split) into col_sums[0], the rest into col_sums[1].
-      for (int group = 0; group < 2; ++group) {
-        const int64_t r0 = group == 0 ? 0 : row_split, nr = group == 0 ? row_split : R - row_split;
-        if (nr == 0) continue;
-        cross_sums_panel<T>(gx.data_ptr<T>() + r0 * nc, gy.data_ptr<T>() + r0 * nc, nr, nc,
-                            rxr_.data_ptr<T>() + r0, ryr_.data_ptr<T>() + r0, rxc_.data_ptr<T>() + c0,
-                            ryc_.data_ptr<T>() + c0, wr_ptr ? wr_ptr + r0 : nullptr,
-                            wc.defined() ? wc.data_ptr<T>() + c0 : nullptr, T(eps),
-                            row_sums.data_ptr<double>() + r0, R, col_sums[group].data_ptr<double>(), C, c0);
-      }
-    }
+    cross_sums_panel<T>(gx.data_ptr<T>(), gy.data_ptr<T>(), nr, nc, args.rxr.data_ptr<T>() + r0,
+                        args.ryr.data_ptr<T>() + r0, args.rxc.data_ptr<T>() + c0, args.ryc.data_ptr<T>() + c0,
+                        args.wr.defined() ? args.wr.data_ptr<T>() + r0 : nullptr,
+                        args.wc.defined() ? args.wc.data_ptr<T>() + c0 : nullptr, T(args.eps),
+                        row_sums.data_ptr<double>() + r0, R, col_sums.data_ptr<double>(), C, c0);
   });
-  if (!keep_gram) return {row_sums, col_sums, absent(), absent()};
-  return {row_sums, col_sums, gx, gy};
 }
 
 }  // namespace
 
 const bool cpu_kernels_registered = register_device_kernels(
-    c10::DeviceType::CPU, DeviceKernels{panel_epilogue_cpu, finish_rows_cpu, symmetric_pass_cpu, use_symmetric_pass});
+    c10::DeviceType::CPU,
+    DeviceKernels{panel_epilogue_cpu, finish_rows_cpu, symmetric_pass_cpu, use_symmetric_pass, cross_epilogue_cpu});
 
 // The driver is device-generic: the same functions serve every device's dispatch key.
 TORCH_LIBRARY_IMPL(d2sm_ext, CPU, m) {
   m.impl("fused_forward", &fused_forward);
   m.impl("fused_backward", &fused_backward);
-  m.impl("cross_sums", &cross_sums_cpu);
+  m.impl("cross_sums", &cross_sums);
   m.impl("queue_backward", &queue_backward);
 }
 

@@ -147,15 +147,100 @@ void finish_rows_cuda(const at::Tensor& pairwise, const at::Tensor& live, const 
   });
 }
 
+// Cross-sums epilogue (driver.h's CrossEpilogueFn; docs/DESIGN.md §3.6): two passes over the
+// panel, each owning its outputs (deterministic, no atomics): one block per panel row for the
+// row sums (threads stride the columns, float64 partials combined by the fixed tree), one thread
+// per column for the column sums (rows in order, float64). Both evaluate pair_math.h's
+// pair_kernel, the CPU kernel's arithmetic.
+template <typename T>
+struct CrossTerms {
+  T a, b, c, d;
+};
+
+template <typename T>
+__device__ __forceinline__ CrossTerms<T> cross_terms(T gx, T gy, T rxi, T ryi, T rxj, T ryj, T eps) {
+  const PairKernel<T> pk = pair_kernel(gx * rxi * rxj, gy * ryi * ryj, eps, DeviceLog{});
+  return {pk.ka, pk.kb, pk.ka * pk.lab, -pk.kb * pk.lab};
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+cross_rows_kernel(const T* __restrict__ gx, const T* __restrict__ gy, int64_t nc, const T* rxr, const T* ryr,
+                  const T* rxc, const T* ryc, const T* wc, T eps, double* row_sums, int64_t R) {
+  __shared__ double shared[kThreads];
+  const int64_t i = blockIdx.x;
+  const T rxi = rxr[i], ryi = ryr[i];
+  double acc[4] = {0, 0, 0, 0};
+  for (int64_t j = threadIdx.x; j < nc; j += kThreads) {
+    const T wj = wc ? wc[j] : T(1);
+    if (wj == T(0)) continue;  // a zero weight leaves the column out, NaN terms included
+    const CrossTerms<T> t = cross_terms(gx[i * nc + j], gy[i * nc + j], rxi, ryi, rxc[j], ryc[j], eps);
+    acc[0] += double(wj * t.a);
+    acc[1] += double(wj * t.b);
+    acc[2] += double(wj * t.c);
+    acc[3] += double(wj * t.d);
+  }
+  for (int s = 0; s < 4; ++s) {
+    const double total = block_sum(acc[s], shared);
+    if (threadIdx.x == 0) row_sums[s * R + i] += total;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+cross_cols_kernel(const T* __restrict__ gx, const T* __restrict__ gy, int64_t nr, int64_t nc, const T* rxr,
+                  const T* ryr, const T* rxc, const T* ryc, const T* wr, T eps, double* col_sums, int64_t C) {
+  const int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (j >= nc) return;
+  const T rxj = rxc[j], ryj = ryc[j];
+  double acc[4] = {0, 0, 0, 0};
+  for (int64_t i = 0; i < nr; ++i) {  // coalesced: the threads of a warp read consecutive columns
+    const T wi = wr ? wr[i] : T(1);
+    if (wi == T(0)) continue;
+    const CrossTerms<T> t = cross_terms(gx[i * nc + j], gy[i * nc + j], rxr[i], ryr[i], rxj, ryj, eps);
+    acc[0] += double(wi * t.a);
+    acc[1] += double(wi * t.b);
+    acc[2] += double(wi * t.c);
+    acc[3] += double(wi * t.d);
+  }
+  for (int s = 0; s < 4; ++s) col_sums[s * C + j] += acc[s];
+}
+
+void cross_epilogue_cuda(const Tensor& gx, const Tensor& gy, int64_t r0, int64_t c0, const CrossArgs& args,
+                         Tensor& row_sums, Tensor& col_sums) {
+  const int64_t nr = gx.size(0), nc = gx.size(1), R = row_sums.size(1), C = col_sums.size(1);
+  TORCH_CHECK(nr <= int64_t(INT32_MAX) && (nc + kThreads - 1) / kThreads <= int64_t(INT32_MAX),
+              "cross_sums: panel too large for one launch: ", nr, " x ", nc);
+  const Tensor gx_ = gx.contiguous(), gy_ = gy.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "d2sm_cross_epilogue_cuda", [&] {
+    using T = scalar_t;
+    const T* wr = args.wr.defined() ? args.wr.data_ptr<T>() + r0 : nullptr;
+    const T* wc = args.wc.defined() ? args.wc.data_ptr<T>() + c0 : nullptr;
+    const T *rxr = args.rxr.data_ptr<T>() + r0, *ryr = args.ryr.data_ptr<T>() + r0;
+    const T *rxc = args.rxc.data_ptr<T>() + c0, *ryc = args.ryc.data_ptr<T>() + c0;
+    cross_rows_kernel<T><<<dim3(static_cast<unsigned>(nr)), kThreads, 0, stream>>>(
+        gx_.data_ptr<T>(), gy_.data_ptr<T>(), nc, rxr, ryr, rxc, ryc, wc, T(args.eps),
+        row_sums.data_ptr<double>() + r0, R);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cross_cols_kernel<T><<<dim3(static_cast<unsigned>((nc + kThreads - 1) / kThreads)), kThreads, 0, stream>>>(
+        gx_.data_ptr<T>(), gy_.data_ptr<T>(), nr, nc, rxr, ryr, rxc, ryc, wr, T(args.eps),
+        col_sums.data_ptr<double>() + c0, C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 const bool cuda_kernels_registered =
-    register_device_kernels(c10::DeviceType::CUDA, DeviceKernels{panel_epilogue_cuda, finish_rows_cuda});
+    register_device_kernels(c10::DeviceType::CUDA, DeviceKernels{panel_epilogue_cuda, finish_rows_cuda, nullptr,
+                                                                 nullptr, cross_epilogue_cuda});
 
 // The driver is device-generic: the same functions serve every device's dispatch key.
 TORCH_LIBRARY_IMPL(d2sm_ext, CUDA, m) {
   m.impl("fused_forward", &fused_forward);
   m.impl("fused_backward", &fused_backward);
+  m.impl("cross_sums", &cross_sums);
   m.impl("queue_backward", &queue_backward);
 }
 

@@ -11,9 +11,9 @@ Each fused backend defines its torch.library ops on import: the C++ extension's
 
 Each backend also registers its kernels of the kept-statistics queue path (``QueueKernels``,
 docs/DESIGN.md §3.6), beside the rest of it: reference — the PyTorch cross sums, gradient by
-autograd; cpu — the C++ cross-sums kernel and queue backward, with the Gram hand-over; cuda —
-cuBLAS Gram + PyTorch cross sums and the C++ queue backward (compiled here, validated on a GPU by
-the GPU issue's run); triton — its cross-sums kernel and backward op.
+autograd; cpu and cuda — the C++ cross sums (BLAS/cuBLAS Gram panels + the device's cross
+epilogue) and queue backward, with the Gram hand-over (the CUDA kernels are compiled here and
+validated on a GPU by the GPU issue's run); triton — its cross-sums kernel and backward op.
 """
 import warnings
 
@@ -49,7 +49,7 @@ if cpp_backend.CUDA_ERROR is None:
                      description="fused C++/CUDA kernels (cuBLAS panels + CUDA epilogue), CUDA tensors; "
                                  "explicit only until validated on a GPU", auto_device_types=(),
                      usable=cpp_backend.cuda_usable, positive_eps=True,
-                     queue=QueueKernels(cross_sums_torch, cpp_backend.queue_backward, keeps_gram=True))
+                     queue=QueueKernels(cpp_backend.cross_sums, cpp_backend.queue_backward, keeps_gram=True))
 else:
     mark_unavailable("cuda", cpp_backend.CUDA_ERROR)
 

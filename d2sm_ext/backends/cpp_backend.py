@@ -69,8 +69,9 @@ def cuda_usable() -> Optional[str]:
 # The kept-statistics queue path (registry.QueueKernels, docs/DESIGN.md §3.6)
 # ---------------------------------------------------------------------------------------------
 def cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps, row_weight, col_weight, row_split, keep_gram):
-    """``QueueKernels.cross_sums`` with the C++ kernel (CPU tensors: BLAS Gram panels + one
-    vectorised pass; row sums in double, column sums per thread combined in thread order)."""
+    """``QueueKernels.cross_sums`` with the C++ op (csrc/driver.cpp): Gram panels (BLAS on CPU,
+    cuBLAS on CUDA) and the device's cross epilogue (CPU: one vectorised pass, row sums in double,
+    column sums per thread combined in thread order; CUDA: csrc/cuda/kernels.cu, float64 sums)."""
     with torch.autocast(xr.device.type, enabled=False):
         rows, cols, gram_x, gram_y = torch.ops.d2sm_ext.cross_sums(
             xr, yr, rxr, ryr, xc, yc, rxc, ryc, float(eps), row_weight, col_weight, int(row_split), bool(keep_gram))
