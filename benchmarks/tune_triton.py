@@ -21,6 +21,7 @@ def main() -> None:
     p.add_argument("--m", type=int, default=4096)
     p.add_argument("--d", type=int, default=4096)
     p.add_argument("--configs", default=";".join(CANDIDATES))
+    p.add_argument("--device", default="cuda", help="cuda; cpu only under TRITON_INTERPRET=1 (dry runs)")
     args = p.parse_args()
     cases = [Config("tune", args.m, args.d, tf32=True), Config("tune", args.m, args.d, dtype=torch.bfloat16)]
     print("| BM,BN,BK,warps,stages | " + " | ".join(c.label() for c in cases) + " |")
@@ -31,8 +32,8 @@ def main() -> None:
         for case in cases:
             try:
                 with float32_precision(case.tf32):
-                    step = step_fn(runner("triton"), make_inputs(case, "cuda"), True)
-                    cells.append(f"{statistics.median(time_ms(step, 'cuda', reps=5, warmup=1)):.2f} ms")
+                    step = step_fn(runner("triton"), make_inputs(case, args.device), True)
+                    cells.append(f"{statistics.median(time_ms(step, args.device, reps=5, warmup=1)):.2f} ms")
             except Exception as exc:  # a config that does not compile or fit: report, go on
                 cells.append(f"error: {type(exc).__name__}: {str(exc)[:60]}")
         print(f"| {cfg_text} | " + " | ".join(cells) + " |", flush=True)
