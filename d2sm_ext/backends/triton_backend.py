@@ -47,6 +47,8 @@ order, the split partials are summed in a fixed order, no atomics.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from typing import Optional
 
@@ -60,6 +62,32 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def device_guard(device: torch.device):
+    """The context every Triton launch runs in: the inputs' CUDA device made current (Triton
+    launches on the current device and its current stream, like the C++ ops' OptionalDeviceGuard);
+    nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _guarded(fn):
+    """Runs an entry point (an op, the queue kernels) under ``device_guard`` of its first tensor
+    argument: every launch below an entry point goes through one."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+        with device_guard(first.device):
+            return fn(*args, **kwargs)
+    return run
+
+
+def check_batch(bsz: int) -> None:
+    """Problems sit on grid axis 1 or 2 of every launch (CUDA's limit 65535): checked before the
+    first launch, so that the message is this one and not a launch error."""
+    if bsz > sizing.MAX_GRID_Y:
+        raise ValueError(f"the triton backend handles at most {sizing.MAX_GRID_Y} problems per call, got B={bsz}; "
+                         f"split the batch")
 
 
 def _as3d(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -144,9 +172,7 @@ def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
     bsz, n, d = x.shape
     q = 0 if xm is None else xm.shape[1]
     m = n + q
-    if bsz > sizing.MAX_GRID_Y:
-        raise ValueError(f"the triton backend handles at most {sizing.MAX_GRID_Y} problems per call, got B={bsz}; "
-                         f"split the batch")
+    check_batch(bsz)
     cfg = sizing.triton_pair_tiles(x.device)
     gcfg = sizing.triton_grad_tiles(x.device)
     bm, bn_, bk = cfg["BM"], cfg["BN"], cfg["BK"]
@@ -308,6 +334,7 @@ def _cross_sums_block(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight
     return row_sums, col_sums
 
 
+@_guarded
 def cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps, row_weight, col_weight, row_split, keep_gram):
     """``QueueKernels.cross_sums`` (registry): the kernel above once per row group (the rows before
     ``row_split`` and the rest; the same work as one launch over all rows). Triton does not hand
@@ -358,6 +385,7 @@ def _grad_or_empty(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Te
 
 
 @torch.library.custom_op("d2sm_ext::triton_d2sm", mutates_args=())
+@_guarded
 def triton_d2sm(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[torch.Tensor],
                 y_memory: Optional[torch.Tensor], divergence: str, exclude_self: bool, eps: float,
                 tf32: bool, reduction: str, need_gx: bool, need_gy: bool
@@ -365,6 +393,7 @@ def triton_d2sm(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[torch.Tenso
     """The forward op of ``fused_op`` (value, saved (6, B, M) fp32, ∂value/∂x, ∂value/∂y)."""
     x3, y3, xm3, ym3 = _as3d(x), _as3d(y), _as3d(x_memory), _as3d(y_memory)
     bsz, n, _ = x3.shape
+    check_batch(bsz)
     m = n + (0 if xm3 is None else xm3.shape[1])
     row_stats = _row_statistics(x3, y3, xm3, ym3, exclude_self, eps)
     fused = reduction != "none" and (need_gx or need_gy)
@@ -388,12 +417,14 @@ def triton_d2sm(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[torch.Tenso
 
 
 @torch.library.custom_op("d2sm_ext::triton_d2sm_backward", mutates_args=())
+@_guarded
 def triton_d2sm_backward(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[torch.Tensor],
                          y_memory: Optional[torch.Tensor], saved: torch.Tensor, grad_rows: torch.Tensor,
                          divergence: str, exclude_self: bool, eps: float, tf32: bool,
                          need_gx: bool, need_gy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward op of ``fused_op`` (reduction "none": row weights w = grad_rows)."""
     x3, y3, xm3, ym3 = _as3d(x), _as3d(y), _as3d(x_memory), _as3d(y_memory)
+    check_batch(x3.shape[0])
     rx, ry, a, bn, pu, qv = saved.unbind(0)
     xsegs, ysegs = _segments(x3, xm3), _segments(y3, ym3)
     sx = _colsum(xsegs, rx, x3.shape[2])
