@@ -13,7 +13,9 @@ import torch
 
 from benchmarks.common import Config, float32_precision, make_inputs, runner, step_fn, time_ms
 
-CANDIDATES = ["128,64,32,8,3", "128,64,64,8,3", "64,64,64,4,3"]
+# The shipped tf32 and half tiles (no spills on sm_90, tests/test_triton_compile.py) and the
+# measured 128×64×32 that spilled; a candidate that wins must also pass the spill test.
+CANDIDATES = ["64,32,16,8,2", "64,32,32,8,3", "128,64,32,8,3"]
 
 
 def main() -> None:

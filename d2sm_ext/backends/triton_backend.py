@@ -173,8 +173,8 @@ def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
     q = 0 if xm is None else xm.shape[1]
     m = n + q
     check_batch(bsz)
-    cfg = sizing.triton_pair_tiles(x.device)
-    gcfg = sizing.triton_grad_tiles(x.device)
+    cfg = sizing.triton_pair_tiles(x.device, x.dtype, tf32)
+    gcfg = sizing.triton_grad_tiles(x.device, x.dtype, tf32)
     bm, bn_, bk = cfg["BM"], cfg["BN"], cfg["BK"]
     xm_, ym_ = (x, y) if xm is None else (xm, ym)  # Q = 0: the memory pointers are never read
     stats = torch.empty(3, bsz, m, dtype=torch.float32, device=x.device) if compute_stats else None

@@ -129,20 +129,31 @@ def _pair_terms(p, q, lpq, DIV: tl.constexpr):
 
 
 @triton.jit
-def _grad_weights(p, q, lpq, DIV: tl.constexpr):
-    """(u, v) = (∂f/∂p, ∂f/∂q) of the pair terms with constants dropped; lpq = log(p/q)."""
+def _grad_weights(p, q, lpq, DIV: tl.constexpr, WANT_U: tl.constexpr, WANT_V: tl.constexpr):
+    """(u, v) = (∂f/∂p, ∂f/∂q) of the pair terms with constants dropped; lpq = log(p/q). Only
+    the asked ones are formed (the other is 0)."""
+    u = 0.0
+    v = 0.0
     if DIV == 0:
-        u = lpq
-        v = -p / q
+        if WANT_U:
+            u = lpq
+        if WANT_V:
+            v = -p / q
     elif DIV == 1:
-        u = -q / p
-        v = -lpq
+        if WANT_U:
+            u = -q / p
+        if WANT_V:
+            v = -lpq
     elif DIV == 2:
-        u = 0.5 * (lpq - q / p)
-        v = 0.5 * (-lpq - p / q)
+        if WANT_U:
+            u = 0.5 * (lpq - q / p)
+        if WANT_V:
+            v = 0.5 * (-lpq - p / q)
     else:
-        u = 0.5 * tl.log(2.0 * p / (p + q))
-        v = 0.5 * tl.log(2.0 * q / (p + q))
+        if WANT_U:
+            u = 0.5 * tl.log(2.0 * p / (p + q))
+        if WANT_V:
+            v = 0.5 * tl.log(2.0 * q / (p + q))
     return u, v
 
 
@@ -251,14 +262,20 @@ def pair_panel_kernel(
             w_j = tl.load(w_ptr + stat_j, mask=cols_ok, other=0.0)
             lba_j = tl.load(lba_ptr + stat_j, mask=cols_ok, other=0.0)
             # Row i's weights (u_ij, v_ij) and, as a and b are symmetric, column j's (u_ji, v_ji).
-            u_ij, v_ij = _grad_weights(p_ij, q_ij, lab + lba_i[:, None], DIV)
-            u_ji, v_ji = _grad_weights(ka / a_j[None, :], kb / b_j[None, :], lab + lba_j[None, :], DIV)
+            # One side at a time, each stored before the next is formed: the epilogue's live
+            # values stay within the registers of the shipped tiles (no spills, sizing.py).
             panel = b * panel_rows * M + rows[:, None] * M + gj[None, :]
             store_ok = rows_ok[:, None] & cols_ok[None, :]
+            p_ji = ka / a_j[None, :]
+            q_ji = kb / b_j[None, :]
             if COMPUTE_GX:
+                u_ij, _ = _grad_weights(p_ij, q_ij, lab + lba_i[:, None], DIV, True, False)
+                u_ji, _ = _grad_weights(p_ji, q_ji, lab + lba_j[None, :], DIV, True, False)
                 wx = alpha_i[:, None] * u_ij + (w_j / a_j)[None, :] * u_ji
                 tl.store(wx_ptr + panel, tl.where(valid, wx * rxj[None, :], 0.0), mask=store_ok)
             if COMPUTE_GY:
+                _, v_ij = _grad_weights(p_ij, q_ij, lab + lba_i[:, None], DIV, False, True)
+                _, v_ji = _grad_weights(p_ji, q_ji, lab + lba_j[None, :], DIV, False, True)
                 wy = beta_i[:, None] * v_ij + (w_j / b_j)[None, :] * v_ji
                 tl.store(wy_ptr + panel, tl.where(valid, wy * ryj[None, :], 0.0), mask=store_ok)
     if COMPUTE_STATS:
