@@ -43,7 +43,7 @@ PAIR_TILES = {
     "half": dict(BM=64, BN=32, BK=32, num_warps=8, num_stages=3),
 }
 GRAD_TILES = {
-    "ieee": dict(BM=128, BN=128, BK=32, num_warps=8, num_stages=3),
+    "ieee": dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3),  # 128×128 with the row split: 8 B
     "tf32": dict(BM=128, BN=128, BK=32, num_warps=8, num_stages=3),
     "half": dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3),  # 128×128: fp16 180 B, bf16 28 B of spills
 }
@@ -106,6 +106,34 @@ def triton_column_splits(device: torch.device, row_blocks: int, bsz: int, n_tile
         return min(2, n_tiles)
     target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(n_tiles, cdiv(target, max(row_blocks * bsz, 1))))
+
+
+ROW_SPLIT_MIN_ROWS = 2048  # a row split streams at least this many rows (the partials stay small beside them)
+ROW_SPLIT_PARTIAL_BYTES = 256 * MIB  # bound on the fp32 partials of one split launch
+
+
+def row_splits(rows: int, programs: int, sm_count: Optional[int], out_elements: int, min_rows: int) -> int:
+    """Splits over the summed rows of a launch whose other grid axes give ``programs`` programs,
+    as a function of the shape: enough for >= 4 programs per SM (``sm_count`` SMs), each split
+    streaming >= ``min_rows`` rows, the (splits × ``out_elements``) fp32 partials within
+    ROW_SPLIT_PARTIAL_BYTES. ``sm_count`` None (the interpreter): 2 when there are two splits'
+    worth of rows, so that the partials' reduction is exercised.
+    Example: q = 2^20 rows, d = 1280 (10 column blocks of the weighted column sums), 132 SMs:
+    53 splits of 19 785 rows, 530 programs instead of 10."""
+    if rows <= min_rows:
+        return 1
+    most = cdiv(rows, min_rows)
+    if sm_count is None:
+        return min(2, most)
+    want = cdiv(4 * sm_count, max(programs, 1))
+    memory = max(1, ROW_SPLIT_PARTIAL_BYTES // (4 * max(out_elements, 1)))
+    return max(1, min(want, most, memory))
+
+
+def triton_row_splits(device: torch.device, rows: int, programs: int, out_elements: int, min_rows: int) -> int:
+    """``row_splits`` with this device's SM count (None under the interpreter)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+    return row_splits(rows, programs, sms, out_elements, min_rows)
 
 
 # ---------------------------------------------------------------------------------------------

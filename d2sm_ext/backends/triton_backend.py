@@ -118,20 +118,33 @@ def _inv_norms(segs, bsz: int, m: int, device) -> torch.Tensor:
 
 
 def _colsum(segs, weights: torch.Tensor, d: int) -> torch.Tensor:
-    """Σ_i weights[b, i] · row_i over both segments, (B, d) fp32, deterministic order."""
+    """Σ_i weights[b, i] · row_i over both segments, (B, d) fp32, deterministic: each segment's
+    rows are split (sizing.row_splits: the grid fills the GPU at q = 2^20 rows and d = 1280,
+    where the column blocks alone give 10 programs), each split writes its partial, and the
+    partials are added in a fixed order."""
     bsz = weights.shape[0]
-    out = torch.zeros(bsz, d, dtype=torch.float32, device=weights.device)
-    first = True
+    tiles = sizing.triton_prepass_tiles(weights.device)
+    bm, bd = tiles["BM"], tiles["BD"]
+    plan = []
     for t, offset in segs:
         if t.shape[1] == 0:
             continue
-        bd = 128
-        grid = (sizing.cdiv(d, bd), bsz)
-        K.weighted_colsum_kernel[grid](t, t.stride(0), t.stride(1), t.stride(2), t.shape[1], d,
-                                       weights, weights.stride(0), offset, out,
-                                       ACCUMULATE=not first, BM=32, BD=bd)
-        first = False
-    return out
+        col_blocks = sizing.cdiv(d, bd)
+        splits = sizing.triton_row_splits(weights.device, t.shape[1], col_blocks * bsz, bsz * d,
+                                          max(bm, sizing.ROW_SPLIT_MIN_ROWS if t.is_cuda else bm))
+        plan.append((t, offset, col_blocks, splits))
+    part = torch.empty(sum(p[3] for p in plan), bsz, d, dtype=torch.float32, device=weights.device)
+    first = 0
+    for t, offset, col_blocks, splits in plan:
+        per_split = sizing.cdiv(sizing.cdiv(t.shape[1], splits), bm) * bm
+        splits = sizing.cdiv(t.shape[1], per_split)
+        K.weighted_colsum_kernel[(col_blocks, bsz, splits)](
+            t, t.stride(0), t.stride(1), t.stride(2), t.shape[1], d, weights, weights.stride(0), offset,
+            part[first:], per_split, BM=bm, BD=bd, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+        first += splits
+    if first == 0:
+        return torch.zeros(bsz, d, dtype=torch.float32, device=weights.device)
+    return part[:first].sum(dim=0)  # fixed-order reduction over the splits
 
 
 def _row_dots(segs, vec: torch.Tensor, bsz: int, m: int) -> torch.Tensor:
@@ -225,14 +238,29 @@ def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
                 # scaled by a power of two into fp16's range and the product unscaled exactly.
                 scaled = x.dtype == torch.float16
                 row_scale = pow2_row_scale(w_panel[:, :r1 - r0]) if scaled else dummy
-                grid = (sizing.cdiv(r1 - r0, gcfg["BM"]), sizing.cdiv(d, gcfg["BN"]), bsz)
-                K.panel_grad_kernel[grid](
+                # split over the M sample rows when the (row, column) blocks alone leave the GPU
+                # idle (q = 2^20, N = 256, d = 1280: 1×10 blocks), partials added in a fixed order
+                row_blocks_g, col_blocks_g = sizing.cdiv(r1 - r0, gcfg["BM"]), sizing.cdiv(d, gcfg["BN"])
+                splits = sizing.triton_row_splits(x.device, m, row_blocks_g * col_blocks_g * bsz,
+                                                  bsz * (r1 - r0) * d,
+                                                  sizing.ROW_SPLIT_MIN_ROWS if x.is_cuda else gcfg["BK"])
+                k_per_split = sizing.cdiv(sizing.cdiv(m, splits), gcfg["BK"]) * gcfg["BK"]
+                splits = sizing.cdiv(m, k_per_split)
+                if splits == 1:
+                    out, s_stride = g_rows, 0
+                else:
+                    out = torch.empty(splits, bsz, r1 - r0, d, dtype=torch.float32, device=x.device)
+                    s_stride = out.stride(0)  # (splits, B, rows, d): split s at s·s_stride
+                o_b, o_m = (out.stride(0), out.stride(1)) if splits == 1 else (out.stride(1), out.stride(2))
+                K.panel_grad_kernel[(row_blocks_g * splits, col_blocks_g, bsz)](
                     w_panel, panel, r1 - r0,
                     seg, seg.stride(0), seg.stride(1), seg.stride(2), mem, mem.stride(0), mem.stride(1), mem.stride(2),
-                    n, q, d, g_rows, g_rows.stride(0), g_rows.stride(1), row_scale,
+                    n, q, d, out, s_stride, o_b, o_m, row_scale, k_per_split,
                     BM=gcfg["BM"], BN=gcfg["BN"], BK=gcfg["BK"], PRECISION=precision, UPCAST=upcast,
                     SCALE_ROWS=scaled, num_warps=gcfg["num_warps"], num_stages=gcfg["num_stages"],
                 )
+                if splits > 1:
+                    g_rows.copy_(out.sum(dim=0))  # fixed-order reduction over the splits
     return stats
 
 
