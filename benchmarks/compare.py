@@ -51,6 +51,8 @@ CPU_CONFIGS = [
     Config("wide features", 1024, 4096),
     Config("many rows", 16384, 256, compiled_baseline=False),
 ]
+# `--tiny` (gpu_check.sh --dry-run): the script's command lines in seconds, any device.
+TINY_CONFIGS = [Config("tiny", 64, 32, q=16)]
 SWEEP_M = {"cuda": [1024, 4096, 16384, 65536, 131072], "cpu": [256, 1024, 4096, 8192]}
 SWEEP_D = 1280
 
@@ -202,12 +204,13 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default=None, help="run only configs whose label contains this text")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="one tiny config, small GEMM probe (dry runs)")
     args = parser.parse_args(argv)
     device = args.device
     os.makedirs(args.out, exist_ok=True)
     reps = args.reps or (20 if device == "cuda" else 3)
     budget = args.budget or (30.0 if device == "cuda" else 60.0)
-    configs = GPU_CONFIGS if device == "cuda" else CPU_CONFIGS
+    configs = TINY_CONFIGS if args.tiny else GPU_CONFIGS if device == "cuda" else CPU_CONFIGS
     if args.only:
         configs = [c for c in configs if args.only in c.label()]
 
@@ -215,7 +218,7 @@ def main(argv=None) -> int:
     for cfg in configs:
         key = _gemm_key(cfg)
         if key not in gemm:
-            gemm[key] = gemm_tflops(device, cfg.dtype, cfg.tf32, 8192 if device == "cuda" else 2048)
+            gemm[key] = gemm_tflops(device, cfg.dtype, cfg.tf32, 256 if args.tiny else 8192 if device == "cuda" else 2048)
 
     header = (f"device: {device_name(device)} | torch {torch.__version__}"
               + (f" | triton {_triton_version()}" if device == "cuda" else "")

@@ -48,12 +48,23 @@ def reference_peak_bytes(p: Problem) -> int:
     return REFERENCE_MATRICES * p.batch * p.rows * p.rows * 4
 
 
+@torch.compiler.assume_constant_result
+def free_device_bytes(device_index: int) -> int:
+    """Bytes the reference could allocate on the device: the driver's free memory plus what
+    PyTorch's caching allocator holds reserved but unused (memory_reserved − memory_allocated),
+    which mem_get_info counts as used. Opaque to torch.compile (assume_constant_result: read once
+    while tracing, a constant of the graph; no graph break in a compiled caller)."""
+    free, _ = torch.cuda.mem_get_info(device_index)
+    cached = torch.cuda.memory_reserved(device_index) - torch.cuda.memory_allocated(device_index)
+    return int(free + max(cached, 0))
+
+
 def _reference_fits(p: Problem) -> bool:
     need = reference_peak_bytes(p)
     if need < 2 ** 30:  # small: no device query needed
         return True
-    free, _ = torch.cuda.mem_get_info(p.device)
-    return need <= MEMORY_HEADROOM * free
+    index = p.device.index if p.device.index is not None else torch.cuda.current_device()
+    return need <= MEMORY_HEADROOM * free_device_bytes(index)
 
 
 def gpu_fused_reason(p: Problem) -> Optional[str]:

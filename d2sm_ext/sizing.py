@@ -25,31 +25,62 @@ MAX_GRID_Y = 65535  # CUDA's limit on the second and third grid dimensions
 TRITON_PANEL_MB = 512.0  # default budget of the (B, R, M) fp32 W' panels
 
 
-def triton_pair_tiles(device: torch.device) -> dict:
+# The CUDA tiles are chosen so that no variant spills registers when compiled for sm_90
+# (tests/test_triton_compile.py compiles every launched variant ahead of time and fails on any
+# spill; the registers and spills per variant are in its report). The H100 measurements of
+# 128×64×32 (BENCHMARKS.md) predate that check: that tile hit 255 registers and spilled
+# 150–2450 bytes per thread in every variant. fp32 IEEE dots are FMA loops that keep a BK-deep
+# slice of both operands in registers, hence the short BK; TF32 and half dots run on tensor cores.
+def _precision_key(dtype: torch.dtype, tf32: bool) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return "half"
+    return "tf32" if tf32 else "ieee"
+
+
+PAIR_TILES = {
+    "ieee": dict(BM=32, BN=32, BK=8, num_warps=8, num_stages=2),
+    "tf32": dict(BM=64, BN=32, BK=16, num_warps=8, num_stages=2),
+    "half": dict(BM=64, BN=32, BK=32, num_warps=8, num_stages=3),
+}
+GRAD_TILES = {
+    "ieee": dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3),  # 128×128 with the row split: 8 B
+    "tf32": dict(BM=128, BN=128, BK=32, num_warps=8, num_stages=3),
+    "half": dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3),  # 128×128: fp16 180 B, bf16 28 B of spills
+}
+CROSS_TILES = dict(BM=64, BN=64, BK=32, num_warps=8, num_stages=3)  # 64×128: fp32 spilled 336 B
+
+
+def triton_pair_tiles(device: torch.device, dtype: torch.dtype = torch.float32, tf32: bool = False) -> dict:
     """Tiles of the Gram+epilogue kernel (D2SM_TRITON_CONFIG overrides)."""
     override = env.tiles("D2SM_TRITON_CONFIG")
     if override:
         return override
     if device.type == "cpu":  # interpreter: fewer, larger numpy ops are faster
         return dict(BM=64, BN=64, BK=128, num_warps=1, num_stages=1)
-    return dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3)
+    return dict(PAIR_TILES[_precision_key(dtype, tf32)])
 
 
-def triton_grad_tiles(device: torch.device) -> dict:
+def triton_grad_tiles(device: torch.device, dtype: torch.dtype = torch.float32, tf32: bool = False) -> dict:
     """Tiles of the panel GEMM W'·X (D2SM_TRITON_GRAD_CONFIG overrides)."""
     override = env.tiles("D2SM_TRITON_GRAD_CONFIG")
     if override:
         return override
     if device.type == "cpu":
         return dict(BM=64, BN=128, BK=64, num_warps=1, num_stages=1)
-    return dict(BM=128, BN=128, BK=32, num_warps=8, num_stages=3)
+    return dict(GRAD_TILES[_precision_key(dtype, tf32)])
 
 
 def triton_cross_tiles(device: torch.device) -> dict:
     """Tiles of the queue statistics' cross-sums kernel."""
     if device.type == "cpu":  # interpreter
         return dict(BM=32, BN=64, BK=64, num_warps=1, num_stages=1)
-    return dict(BM=64, BN=128, BK=32, num_warps=8, num_stages=3)
+    return dict(CROSS_TILES)
+
+
+def triton_prepass_tiles(device: torch.device) -> dict:
+    """Tiles of the O(M·d) pre-pass kernels (inverse norms, row dots, weighted column sums): BM
+    rows × BD features per step (Triton's default 4 warps, 3 stages)."""
+    return dict(BM=32, BD=128, num_warps=4, num_stages=3)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -75,6 +106,34 @@ def triton_column_splits(device: torch.device, row_blocks: int, bsz: int, n_tile
         return min(2, n_tiles)
     target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(n_tiles, cdiv(target, max(row_blocks * bsz, 1))))
+
+
+ROW_SPLIT_MIN_ROWS = 2048  # a row split streams at least this many rows (the partials stay small beside them)
+ROW_SPLIT_PARTIAL_BYTES = 256 * MIB  # bound on the fp32 partials of one split launch
+
+
+def row_splits(rows: int, programs: int, sm_count: Optional[int], out_elements: int, min_rows: int) -> int:
+    """Splits over the summed rows of a launch whose other grid axes give ``programs`` programs,
+    as a function of the shape: enough for >= 4 programs per SM (``sm_count`` SMs), each split
+    streaming >= ``min_rows`` rows, the (splits × ``out_elements``) fp32 partials within
+    ROW_SPLIT_PARTIAL_BYTES. ``sm_count`` None (the interpreter): 2 when there are two splits'
+    worth of rows, so that the partials' reduction is exercised.
+    Example: q = 2^20 rows, d = 1280 (10 column blocks of the weighted column sums), 132 SMs:
+    53 splits of 19 785 rows, 530 programs instead of 10."""
+    if rows <= min_rows:
+        return 1
+    most = cdiv(rows, min_rows)
+    if sm_count is None:
+        return min(2, most)
+    want = cdiv(4 * sm_count, max(programs, 1))
+    memory = max(1, ROW_SPLIT_PARTIAL_BYTES // (4 * max(out_elements, 1)))
+    return max(1, min(want, most, memory))
+
+
+def triton_row_splits(device: torch.device, rows: int, programs: int, out_elements: int, min_rows: int) -> int:
+    """``row_splits`` with this device's SM count (None under the interpreter)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+    return row_splits(rows, programs, sms, out_elements, min_rows)
 
 
 # ---------------------------------------------------------------------------------------------

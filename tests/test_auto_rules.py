@@ -19,6 +19,8 @@ def problem(dtype=torch.float32, tf32=False, rows=4096, batch=1, dim=4096):
 def free_memory(monkeypatch):
     def set_free(gib):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(gib * 2 ** 30), 80 * 2 ** 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     set_free(70)
     return set_free
 
@@ -73,3 +75,23 @@ def test_the_rule_is_not_applied_to_the_kept_statistics_path(monkeypatch):
     d2sm_ext.d2sm_divergence(x, y, "kl", queue=q)
     d2sm_ext.d2sm_divergence(x, y, "js", queue=q)
     assert seen[0] is None and isinstance(seen[1], auto_rules.Problem) and seen[1].rows == 21
+
+
+def test_free_memory_counts_pytorch_cache_and_does_not_break_compile(monkeypatch):
+    """Memory PyTorch's allocator keeps reserved but unused is free for the reference, though
+    mem_get_info counts it as used; the query is a constant under torch.compile (fullgraph)."""
+    gib = 2 ** 30
+    # torch._dynamo.disable: like the real CUDA query, something Dynamo cannot trace into
+    monkeypatch.setattr(torch.cuda, "mem_get_info", torch._dynamo.disable(lambda device=None: (2 * gib, 80 * gib)))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 * gib)
+    assert auto_rules.free_device_bytes(0) == 11 * gib
+    # M = 12288: the reference needs 6.2 GiB, fits in 0.8 × 11 GiB (not in 0.8 × 2 GiB): IEEE fp32
+    # is measured slower, so "auto" keeps the reference
+    assert auto_rules.gpu_fused_reason(problem(rows=12288)) is not None
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(x):
+        return x + (1.0 if auto_rules.gpu_fused_reason(problem(rows=12288)) is None else 2.0)
+
+    assert step(torch.zeros(1)).item() == 2.0

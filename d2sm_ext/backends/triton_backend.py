@@ -47,6 +47,8 @@ order, the split partials are summed in a fixed order, no atomics.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from typing import Optional
 
@@ -60,6 +62,32 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def device_guard(device: torch.device):
+    """The context every Triton launch runs in: the inputs' CUDA device made current (Triton
+    launches on the current device and its current stream, like the C++ ops' OptionalDeviceGuard);
+    nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _guarded(fn):
+    """Runs an entry point (an op, the queue kernels) under ``device_guard`` of its first tensor
+    argument: every launch below an entry point goes through one."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+        with device_guard(first.device):
+            return fn(*args, **kwargs)
+    return run
+
+
+def check_batch(bsz: int) -> None:
+    """Problems sit on grid axis 1 or 2 of every launch (CUDA's limit 65535): checked before the
+    first launch, so that the message is this one and not a launch error."""
+    if bsz > sizing.MAX_GRID_Y:
+        raise ValueError(f"the triton backend handles at most {sizing.MAX_GRID_Y} problems per call, got B={bsz}; "
+                         f"split the batch")
 
 
 def _as3d(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -90,20 +118,33 @@ def _inv_norms(segs, bsz: int, m: int, device) -> torch.Tensor:
 
 
 def _colsum(segs, weights: torch.Tensor, d: int) -> torch.Tensor:
-    """Σ_i weights[b, i] · row_i over both segments, (B, d) fp32, deterministic order."""
+    """Σ_i weights[b, i] · row_i over both segments, (B, d) fp32, deterministic: each segment's
+    rows are split (sizing.row_splits: the grid fills the GPU at q = 2^20 rows and d = 1280,
+    where the column blocks alone give 10 programs), each split writes its partial, and the
+    partials are added in a fixed order."""
     bsz = weights.shape[0]
-    out = torch.zeros(bsz, d, dtype=torch.float32, device=weights.device)
-    first = True
+    tiles = sizing.triton_prepass_tiles(weights.device)
+    bm, bd = tiles["BM"], tiles["BD"]
+    plan = []
     for t, offset in segs:
         if t.shape[1] == 0:
             continue
-        bd = 128
-        grid = (sizing.cdiv(d, bd), bsz)
-        K.weighted_colsum_kernel[grid](t, t.stride(0), t.stride(1), t.stride(2), t.shape[1], d,
-                                       weights, weights.stride(0), offset, out,
-                                       ACCUMULATE=not first, BM=32, BD=bd)
-        first = False
-    return out
+        col_blocks = sizing.cdiv(d, bd)
+        splits = sizing.triton_row_splits(weights.device, t.shape[1], col_blocks * bsz, bsz * d,
+                                          max(bm, sizing.ROW_SPLIT_MIN_ROWS if t.is_cuda else bm))
+        plan.append((t, offset, col_blocks, splits))
+    part = torch.empty(sum(p[3] for p in plan), bsz, d, dtype=torch.float32, device=weights.device)
+    first = 0
+    for t, offset, col_blocks, splits in plan:
+        per_split = sizing.cdiv(sizing.cdiv(t.shape[1], splits), bm) * bm
+        splits = sizing.cdiv(t.shape[1], per_split)
+        K.weighted_colsum_kernel[(col_blocks, bsz, splits)](
+            t, t.stride(0), t.stride(1), t.stride(2), t.shape[1], d, weights, weights.stride(0), offset,
+            part[first:], per_split, BM=bm, BD=bd, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+        first += splits
+    if first == 0:
+        return torch.zeros(bsz, d, dtype=torch.float32, device=weights.device)
+    return part[:first].sum(dim=0)  # fixed-order reduction over the splits
 
 
 def _row_dots(segs, vec: torch.Tensor, bsz: int, m: int) -> torch.Tensor:
@@ -144,11 +185,9 @@ def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
     bsz, n, d = x.shape
     q = 0 if xm is None else xm.shape[1]
     m = n + q
-    if bsz > sizing.MAX_GRID_Y:
-        raise ValueError(f"the triton backend handles at most {sizing.MAX_GRID_Y} problems per call, got B={bsz}; "
-                         f"split the batch")
-    cfg = sizing.triton_pair_tiles(x.device)
-    gcfg = sizing.triton_grad_tiles(x.device)
+    check_batch(bsz)
+    cfg = sizing.triton_pair_tiles(x.device, x.dtype, tf32)
+    gcfg = sizing.triton_grad_tiles(x.device, x.dtype, tf32)
     bm, bn_, bk = cfg["BM"], cfg["BN"], cfg["BK"]
     xm_, ym_ = (x, y) if xm is None else (xm, ym)  # Q = 0: the memory pointers are never read
     stats = torch.empty(3, bsz, m, dtype=torch.float32, device=x.device) if compute_stats else None
@@ -199,14 +238,29 @@ def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
                 # scaled by a power of two into fp16's range and the product unscaled exactly.
                 scaled = x.dtype == torch.float16
                 row_scale = pow2_row_scale(w_panel[:, :r1 - r0]) if scaled else dummy
-                grid = (sizing.cdiv(r1 - r0, gcfg["BM"]), sizing.cdiv(d, gcfg["BN"]), bsz)
-                K.panel_grad_kernel[grid](
+                # split over the M sample rows when the (row, column) blocks alone leave the GPU
+                # idle (q = 2^20, N = 256, d = 1280: 1×10 blocks), partials added in a fixed order
+                row_blocks_g, col_blocks_g = sizing.cdiv(r1 - r0, gcfg["BM"]), sizing.cdiv(d, gcfg["BN"])
+                splits = sizing.triton_row_splits(x.device, m, row_blocks_g * col_blocks_g * bsz,
+                                                  bsz * (r1 - r0) * d,
+                                                  sizing.ROW_SPLIT_MIN_ROWS if x.is_cuda else gcfg["BK"])
+                k_per_split = sizing.cdiv(sizing.cdiv(m, splits), gcfg["BK"]) * gcfg["BK"]
+                splits = sizing.cdiv(m, k_per_split)
+                if splits == 1:
+                    out, s_stride = g_rows, 0
+                else:
+                    out = torch.empty(splits, bsz, r1 - r0, d, dtype=torch.float32, device=x.device)
+                    s_stride = out.stride(0)  # (splits, B, rows, d): split s at s·s_stride
+                o_b, o_m = (out.stride(0), out.stride(1)) if splits == 1 else (out.stride(1), out.stride(2))
+                K.panel_grad_kernel[(row_blocks_g * splits, col_blocks_g, bsz)](
                     w_panel, panel, r1 - r0,
                     seg, seg.stride(0), seg.stride(1), seg.stride(2), mem, mem.stride(0), mem.stride(1), mem.stride(2),
-                    n, q, d, g_rows, g_rows.stride(0), g_rows.stride(1), row_scale,
+                    n, q, d, out, s_stride, o_b, o_m, row_scale, k_per_split,
                     BM=gcfg["BM"], BN=gcfg["BN"], BK=gcfg["BK"], PRECISION=precision, UPCAST=upcast,
                     SCALE_ROWS=scaled, num_warps=gcfg["num_warps"], num_stages=gcfg["num_stages"],
                 )
+                if splits > 1:
+                    g_rows.copy_(out.sum(dim=0))  # fixed-order reduction over the splits
     return stats
 
 
@@ -308,6 +362,7 @@ def _cross_sums_block(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight
     return row_sums, col_sums
 
 
+@_guarded
 def cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps, row_weight, col_weight, row_split, keep_gram):
     """``QueueKernels.cross_sums`` (registry): the kernel above once per row group (the rows before
     ``row_split`` and the rest; the same work as one launch over all rows). Triton does not hand
@@ -358,6 +413,7 @@ def _grad_or_empty(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Te
 
 
 @torch.library.custom_op("d2sm_ext::triton_d2sm", mutates_args=())
+@_guarded
 def triton_d2sm(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[torch.Tensor],
                 y_memory: Optional[torch.Tensor], divergence: str, exclude_self: bool, eps: float,
                 tf32: bool, reduction: str, need_gx: bool, need_gy: bool
@@ -365,6 +421,7 @@ def triton_d2sm(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[torch.Tenso
     """The forward op of ``fused_op`` (value, saved (6, B, M) fp32, ∂value/∂x, ∂value/∂y)."""
     x3, y3, xm3, ym3 = _as3d(x), _as3d(y), _as3d(x_memory), _as3d(y_memory)
     bsz, n, _ = x3.shape
+    check_batch(bsz)
     m = n + (0 if xm3 is None else xm3.shape[1])
     row_stats = _row_statistics(x3, y3, xm3, ym3, exclude_self, eps)
     fused = reduction != "none" and (need_gx or need_gy)
@@ -388,12 +445,14 @@ def triton_d2sm(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[torch.Tenso
 
 
 @torch.library.custom_op("d2sm_ext::triton_d2sm_backward", mutates_args=())
+@_guarded
 def triton_d2sm_backward(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[torch.Tensor],
                          y_memory: Optional[torch.Tensor], saved: torch.Tensor, grad_rows: torch.Tensor,
                          divergence: str, exclude_self: bool, eps: float, tf32: bool,
                          need_gx: bool, need_gy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward op of ``fused_op`` (reduction "none": row weights w = grad_rows)."""
     x3, y3, xm3, ym3 = _as3d(x), _as3d(y), _as3d(x_memory), _as3d(y_memory)
+    check_batch(x3.shape[0])
     rx, ry, a, bn, pu, qv = saved.unbind(0)
     xsegs, ysegs = _segments(x3, xm3), _segments(y3, ym3)
     sx = _colsum(xsegs, rx, x3.shape[2])

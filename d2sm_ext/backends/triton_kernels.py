@@ -47,25 +47,28 @@ def row_inv_norm_kernel(x_ptr, s_b, s_m, s_d, M, D, out_ptr, out_stride_b, out_o
 
 
 @triton.jit
-def weighted_colsum_kernel(x_ptr, s_b, s_m, s_d, M, D, w_ptr, w_stride_b, w_offset, out_ptr,
-                           ACCUMULATE: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
-    """out[b, :] (+)= Σ_i w[b, w_offset + i] x[b, i, :] in fp32 (rows looped in a fixed order)."""
+def weighted_colsum_kernel(x_ptr, s_b, s_m, s_d, M, D, w_ptr, w_stride_b, w_offset, out_ptr, rows_per_split,
+                           BM: tl.constexpr, BD: tl.constexpr):
+    """Partial weighted column sums: program (column block, b, split s) writes
+    out[s, b, :] = Σ_{i in split s} w[b, w_offset + i] x[b, i, :] in fp32, its rows looped in a
+    fixed order; the caller adds the splits' partials in a fixed order (deterministic)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    n_batch = tl.num_programs(1).to(tl.int64)
     cols = pid.to(tl.int64) * BD + tl.arange(0, BD)
     col_ok = cols < D
     acc = tl.zeros((BD,), dtype=tl.float32)
-    for m0 in range(0, M, BM):
+    r_begin = split * rows_per_split
+    r_end = tl.minimum(r_begin + rows_per_split, M)
+    for m0 in range(r_begin, r_end, BM):
         rows = m0 + tl.arange(0, BM)
-        row_ok = rows < M
+        row_ok = rows < r_end
         w = tl.load(w_ptr + b * w_stride_b + w_offset + rows, mask=row_ok, other=0.0)
         v = tl.load(x_ptr + b * s_b + rows[:, None].to(tl.int64) * s_m + cols[None, :] * s_d,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(v * w[:, None], axis=0)
-    out = out_ptr + b * D + cols
-    if ACCUMULATE:
-        acc += tl.load(out, mask=col_ok, other=0.0)
-    tl.store(out, acc, mask=col_ok)
+    tl.store(out_ptr + (split * n_batch + b) * D + cols, acc, mask=col_ok)
 
 
 @triton.jit
@@ -129,20 +132,31 @@ def _pair_terms(p, q, lpq, DIV: tl.constexpr):
 
 
 @triton.jit
-def _grad_weights(p, q, lpq, DIV: tl.constexpr):
-    """(u, v) = (∂f/∂p, ∂f/∂q) of the pair terms with constants dropped; lpq = log(p/q)."""
+def _grad_weights(p, q, lpq, DIV: tl.constexpr, WANT_U: tl.constexpr, WANT_V: tl.constexpr):
+    """(u, v) = (∂f/∂p, ∂f/∂q) of the pair terms with constants dropped; lpq = log(p/q). Only
+    the asked ones are formed (the other is 0)."""
+    u = 0.0
+    v = 0.0
     if DIV == 0:
-        u = lpq
-        v = -p / q
+        if WANT_U:
+            u = lpq
+        if WANT_V:
+            v = -p / q
     elif DIV == 1:
-        u = -q / p
-        v = -lpq
+        if WANT_U:
+            u = -q / p
+        if WANT_V:
+            v = -lpq
     elif DIV == 2:
-        u = 0.5 * (lpq - q / p)
-        v = 0.5 * (-lpq - p / q)
+        if WANT_U:
+            u = 0.5 * (lpq - q / p)
+        if WANT_V:
+            v = 0.5 * (-lpq - p / q)
     else:
-        u = 0.5 * tl.log(2.0 * p / (p + q))
-        v = 0.5 * tl.log(2.0 * q / (p + q))
+        if WANT_U:
+            u = 0.5 * tl.log(2.0 * p / (p + q))
+        if WANT_V:
+            v = 0.5 * tl.log(2.0 * q / (p + q))
     return u, v
 
 
@@ -251,14 +265,20 @@ def pair_panel_kernel(
             w_j = tl.load(w_ptr + stat_j, mask=cols_ok, other=0.0)
             lba_j = tl.load(lba_ptr + stat_j, mask=cols_ok, other=0.0)
             # Row i's weights (u_ij, v_ij) and, as a and b are symmetric, column j's (u_ji, v_ji).
-            u_ij, v_ij = _grad_weights(p_ij, q_ij, lab + lba_i[:, None], DIV)
-            u_ji, v_ji = _grad_weights(ka / a_j[None, :], kb / b_j[None, :], lab + lba_j[None, :], DIV)
+            # One side at a time, each stored before the next is formed: the epilogue's live
+            # values stay within the registers of the shipped tiles (no spills, sizing.py).
             panel = b * panel_rows * M + rows[:, None] * M + gj[None, :]
             store_ok = rows_ok[:, None] & cols_ok[None, :]
+            p_ji = ka / a_j[None, :]
+            q_ji = kb / b_j[None, :]
             if COMPUTE_GX:
+                u_ij, _ = _grad_weights(p_ij, q_ij, lab + lba_i[:, None], DIV, True, False)
+                u_ji, _ = _grad_weights(p_ji, q_ji, lab + lba_j[None, :], DIV, True, False)
                 wx = alpha_i[:, None] * u_ij + (w_j / a_j)[None, :] * u_ji
                 tl.store(wx_ptr + panel, tl.where(valid, wx * rxj[None, :], 0.0), mask=store_ok)
             if COMPUTE_GY:
+                _, v_ij = _grad_weights(p_ij, q_ij, lab + lba_i[:, None], DIV, False, True)
+                _, v_ji = _grad_weights(p_ji, q_ji, lab + lba_j[None, :], DIV, False, True)
                 wy = beta_i[:, None] * v_ij + (w_j / b_j)[None, :] * v_ji
                 tl.store(wy_ptr + panel, tl.where(valid, wy * ryj[None, :], 0.0), mask=store_ok)
     if COMPUTE_STATS:
@@ -274,19 +294,26 @@ def pair_panel_kernel(
 def panel_grad_kernel(
     w_ptr, panel_rows, n_rows,
     xl_ptr, sxl_b, sxl_m, sxl_d, xm_ptr, sxm_b, sxm_m, sxm_d, N, Q, D,
-    g_ptr, sg_b, sg_m, scale_ptr,
+    g_ptr, sg_s, sg_b, sg_m, scale_ptr, k_per_split,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, SCALE_ROWS: tl.constexpr,
 ):
-    """g[b, rows, cols] = W'[b, rows, :] @ [x_live; x_memory][b, :, cols] — a GEMM over the M
-    sample rows (two tensors, never concatenated), fp32 accumulation. W' is rounded to the
-    input dtype for the dot (tensor cores for fp16/bf16; ieee or tf32 for fp32). SCALE_ROWS:
-    row r of W' is multiplied by the power of two scale[b, r] before the rounding and the
-    product divided by it after (exact), so fp16 does not flush small weights to zero."""
-    pid_r = tl.program_id(0)
+    """g[s, b, rows, cols] = W'[b, rows, K_s] @ [x_live; x_memory][b, K_s, cols] — a GEMM over
+    the M sample rows (two tensors, never concatenated), fp32 accumulation, split over the
+    sample rows: program axis 0 is (split s, row block), and split s takes the sample rows
+    K_s = [s·k_per_split, (s+1)·k_per_split) (a multiple of BK); the caller adds the splits'
+    partials in a fixed order (with one split g is the result). W' is rounded to the input dtype
+    for the dot (tensor cores for fp16/bf16; ieee or tf32 for fp32). SCALE_ROWS: row r of W' is
+    multiplied by the power of two scale[b, r] before the rounding and the product divided by it
+    after (exact), so fp16 does not flush small weights to zero."""
+    n_row_blocks = tl.cdiv(n_rows, BM)
+    pid_s = tl.program_id(0) // n_row_blocks
+    pid_r = tl.program_id(0) % n_row_blocks
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     M = N + Q
+    k_begin = pid_s * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, M)
     rows = pid_r.to(tl.int64) * BM + tl.arange(0, BM)
     rows_ok = rows < n_rows
     cols = pid_c.to(tl.int64) * BN + tl.arange(0, BN)
@@ -297,18 +324,21 @@ def panel_grad_kernel(
     else:
         scale = tl.full((BM,), 1.0, dtype=tl.float32)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, N, BK):
+    live_end = tl.minimum(k_end, N)
+    for k in range(k_begin, live_end, BK):
         kk = (k + tl.arange(0, BK)).to(tl.int64)
-        k_ok = kk < N
+        k_ok = kk < live_end
         xk = tl.load(xl_ptr + b * sxl_b + kk[:, None] * sxl_m + cols[None, :] * sxl_d,
                      mask=k_ok[:, None] & cols_ok[None, :], other=0.0)
         wk = tl.load(w_base + kk[None, :], mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
         if SCALE_ROWS:
             wk = wk * scale[:, None]
         acc += _dot(wk.to(xk.dtype), xk, PRECISION, UPCAST)
-    for k in range(0, Q, BK):
+    mem_begin = tl.maximum(k_begin, N) - N
+    mem_end = k_end - N
+    for k in range(mem_begin, mem_end, BK):
         kk = (k + tl.arange(0, BK)).to(tl.int64)
-        k_ok = kk < Q
+        k_ok = kk < mem_end
         xk = tl.load(xm_ptr + b * sxm_b + kk[:, None] * sxm_m + cols[None, :] * sxm_d,
                      mask=k_ok[:, None] & cols_ok[None, :], other=0.0)
         wk = tl.load(w_base + N + kk[None, :], mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
@@ -317,7 +347,7 @@ def panel_grad_kernel(
         acc += _dot(wk.to(xk.dtype), xk, PRECISION, UPCAST)
     if SCALE_ROWS:
         acc = acc / scale[:, None]
-    g = g_ptr + b * sg_b + rows[:, None] * sg_m + cols[None, :]
+    g = g_ptr + pid_s.to(tl.int64) * sg_s + b * sg_b + rows[:, None] * sg_m + cols[None, :]
     tl.store(g, acc, mask=rows_ok[:, None] & cols_ok[None, :])
 
 
