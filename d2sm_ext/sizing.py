@@ -60,6 +60,14 @@ def triton_pair_tiles(device: torch.device, dtype: torch.dtype = torch.float32, 
     return dict(PAIR_TILES[_precision_key(dtype, tf32)])
 
 
+def triton_given_gram_tiles(pair_tiles: dict) -> dict:
+    """Tiles of the pair kernel's launch over memory tiles whose Gram is handed over (TILES=2):
+    no dot loop to pipeline (one stage), and at most 32 rows per program — the loaded Gram
+    tiles keep a layout the epilogue of both gradients cannot fit in 255 registers at 64 rows
+    (bf16 64×32 spilled 36 B on sm_90)."""
+    return dict(pair_tiles, BM=min(pair_tiles["BM"], 32), num_stages=1)
+
+
 def triton_grad_tiles(device: torch.device, dtype: torch.dtype = torch.float32, tf32: bool = False) -> dict:
     """Tiles of the panel GEMM W'·X (D2SM_TRITON_GRAD_CONFIG overrides)."""
     override = env.tiles("D2SM_TRITON_GRAD_CONFIG")

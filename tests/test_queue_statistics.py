@@ -474,3 +474,41 @@ def test_opcheck_of_the_cpp_queue_ops():
     for grams in ((gram_x, gram_y), (torch.empty(0), torch.empty(0))):
         torch.library.opcheck(torch.ops.d2sm_ext.queue_backward.default,
                               (x, y, xm, ym, saved, weights, "kl", True, 1e-8, False, True, True, *grams))
+
+
+def test_triton_hands_the_gram_over():
+    """The triton row of the queue path at the floor: the cross sums kernel keeps the Gram
+    (KEEP_GRAM) and the gradient's pair kernel reads it for the memory tiles (TILES=2, no dot
+    loop) instead of multiplying the live rows against the queue again; the result equals the
+    full pass (the stream tests cover exactness at length)."""
+    kernels = _queue_kernels("triton")
+    from d2sm_ext.backends import triton_backend, triton_kernels
+
+    launches = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append((self.kernel.fn.__name__, kw.get("TILES", kw.get("KEEP_GRAM"))))
+                return self.kernel[grid](*args, **kw)
+            return launch
+
+    q = filled_queue(40, 16, 40, dtype=torch.float32, backend="triton")
+    g = torch.Generator().manual_seed(6)
+    x0, y0 = torch.randn(9, 16, generator=g), torch.randn(9, 16, generator=g)
+    real = {name: getattr(triton_kernels, name) for name in ("pair_panel_kernel", "cross_sums_kernel")}
+    try:
+        for name, kernel in real.items():
+            setattr(triton_kernels, name, Spy(kernel))
+        (v, gx, gy), (wv, wgx, wgy) = both_paths(x0, y0, q, "symmetric_kl", True, "mean", "triton", None)
+    finally:
+        for name, kernel in real.items():
+            setattr(triton_kernels, name, kernel)
+    step = launches[:launches.index(("pair_panel_kernel", 1)) + 2]
+    assert ("cross_sums_kernel", True) in step and step[-2:] == [("pair_panel_kernel", 1), ("pair_panel_kernel", 2)]
+    assert kernels.keeps_gram and triton_backend.queue_backward is kernels.backward
+    for name, got, want in (("value", v, wv), ("grad x", gx, wgx), ("grad y", gy, wgy)):
+        assert_f32_close(got, want.double(), name)

@@ -25,10 +25,10 @@ def test_memory_rows_get_no_gradient_and_no_gradient_work(device, monkeypatch):
     calls = []
     real = triton_backend._pair_pass
 
-    def spy(x, y, xm, ym, rx, ry, a, bn, w, div, excl, eps, tf32, compute_stats, gx, gy):
+    def spy(x, y, xm, ym, rx, ry, a, bn, w, div, excl, eps, tf32, compute_stats, gx, gy, grams=None):
         calls.append(dict(live=x.shape[1], memory=0 if xm is None else xm.shape[1], stats=compute_stats,
                           gx=None if gx is None else tuple(gx.shape), gy=None if gy is None else tuple(gy.shape)))
-        return real(x, y, xm, ym, rx, ry, a, bn, w, div, excl, eps, tf32, compute_stats, gx, gy)
+        return real(x, y, xm, ym, rx, ry, a, bn, w, div, excl, eps, tf32, compute_stats, gx, gy, grams)
 
     monkeypatch.setattr(triton_backend, "_pair_pass", spy)
     x, y, _ = make_inputs((5, 8), 0, device, y_grad=False)

@@ -15,6 +15,7 @@ again with Triton's ptxas and its flags plus ``-v``, whose report says "Used N r
 import os
 import re
 import subprocess
+import inspect
 import sys
 import tempfile
 
@@ -29,7 +30,8 @@ from d2sm_ext.backends import triton_kernels as K
 CUDA = torch.device("cuda")
 INPUT_POINTERS = {"xl_ptr", "yl_ptr", "xm_ptr", "ym_ptr", "x_ptr", "xi_ptr", "yi_ptr", "xr_ptr", "yr_ptr", "xc_ptr",
                   "yc_ptr"}
-PAIR_POINTERS = INPUT_POINTERS | {"part_ptr", "wx_ptr", "wy_ptr", "rx_ptr", "ry_ptr", "a_ptr", "bn_ptr", "lba_ptr", "w_ptr"}
+PAIR_POINTERS = INPUT_POINTERS | {"part_ptr", "wx_ptr", "wy_ptr", "rx_ptr", "ry_ptr", "a_ptr", "bn_ptr", "lba_ptr", "w_ptr",
+                                  "gmx_ptr", "gmy_ptr"}
 
 # (dtype, precision, divergence code, exclude_self, stats, grad x, grad y)
 PAIR_VARIANTS = [
@@ -43,6 +45,10 @@ PAIR_VARIANTS = [
     ("bf16", "native", 3, False, True, True, True),
     ("fp16", "native", 0, True, True, True, True),
 ]
+# The queue path's backward with the loss's Gram blocks handed over (TILES 1: the live tiles, 2:
+# the memory tiles from the Gram): no statistics, the gradient of x (and of y),
+# (dtype, precision, divergence code, grad y)
+GRAM_GIVEN_VARIANTS = [("fp32", "ieee", 2, True), ("fp32", "tf32", 0, False), ("bf16", "native", 2, True)]
 PREPASS = [
     (K.row_inv_norm_kernel, {"x_ptr", "out_ptr"}),
     (K.row_dot_kernel, {"x_ptr", "vec_ptr", "out_ptr"}),
@@ -52,6 +58,10 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 
 def compile_kernel(fn, dtype, constexprs, pointers, tiles, float_args=()):
+    # constexpr parameters with a default keep it unless the variant sets them (else they would
+    # compile as runtime integers, with both sides of their branches)
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.default is not inspect.Parameter.empty}
+    constexprs = {**defaults, **constexprs}
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -119,13 +129,26 @@ def main() -> int:
             compiled = compile_kernel(K.panel_grad_kernel, dtype, consts,
                                       {"w_ptr", "xl_ptr", "xm_ptr", "g_ptr", "scale_ptr"}, grad)
             report("panel_grad_kernel", f"{dtype} {precision} scale_rows={scaled}", grad, compiled)
+    for dtype, precision, div, gy in GRAM_GIVEN_VARIANTS:
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        pair = sizing.triton_pair_tiles(CUDA, torch_dtype, precision == "tf32")
+        for tiles in (1, 2):
+            consts = dict(DIV=div, EXCL=True, COMPUTE_STATS=False, COMPUTE_GX=True, COMPUTE_GY=gy, BM=pair["BM"],
+                          BN=pair["BN"], BK=pair["BK"], PRECISION=precision, UPCAST=False, TILES=tiles)
+            launch = sizing.triton_given_gram_tiles(pair) if tiles == 2 else pair
+            consts["BM"] = launch["BM"]
+            compiled = compile_kernel(K.pair_panel_kernel, dtype, consts, PAIR_POINTERS, launch, float_args=("eps",))
+            report("pair_panel_kernel", f"{dtype} {precision} div={div} tiles={tiles} gx=True gy={gy}", launch,
+                   compiled)
     for dtype, precision in (("fp32", "ieee"), ("bf16", "native")):  # queue statistics: the cross block
-        consts = dict(HAS_WR=True, HAS_WC=False, BM=cross["BM"], BN=cross["BN"], BK=cross["BK"], PRECISION=precision,
-                      UPCAST=False)
-        compiled = compile_kernel(K.cross_sums_kernel, dtype, consts,
-                                  {"xr_ptr", "yr_ptr", "xc_ptr", "yc_ptr", "rxr_ptr", "ryr_ptr", "rxc_ptr", "ryc_ptr",
-                                   "wr_ptr", "wc_ptr", "row_part_ptr", "col_part_ptr"}, cross, float_args=("eps",))
-        report("cross_sums_kernel", f"{dtype} {precision}", cross, compiled)
+        for keep in (False, True):
+            consts = dict(HAS_WR=True, HAS_WC=False, BM=cross["BM"], BN=cross["BN"], BK=cross["BK"],
+                          PRECISION=precision, UPCAST=False, KEEP_GRAM=keep)
+            compiled = compile_kernel(K.cross_sums_kernel, dtype, consts,
+                                      {"xr_ptr", "yr_ptr", "xc_ptr", "yc_ptr", "rxr_ptr", "ryr_ptr", "rxc_ptr",
+                                       "ryc_ptr", "wr_ptr", "wc_ptr", "row_part_ptr", "col_part_ptr", "gx_out_ptr",
+                                       "gy_out_ptr"}, cross, float_args=("eps",))
+            report("cross_sums_kernel", f"{dtype} {precision} keep_gram={keep}", cross, compiled)
     prepass = sizing.triton_prepass_tiles(CUDA)
     for fn, pointers in PREPASS:
         consts = dict(BM=prepass["BM"], BD=prepass["BD"])

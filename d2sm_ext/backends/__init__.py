@@ -13,7 +13,8 @@ Each backend also registers its kernels of the kept-statistics queue path (``Que
 docs/DESIGN.md §3.6), beside the rest of it: reference — the PyTorch cross sums, gradient by
 autograd; cpu and cuda — the C++ cross sums (BLAS/cuBLAS Gram panels + the device's cross
 epilogue) and queue backward, with the Gram hand-over (the CUDA kernels are compiled here and
-validated on a GPU by the GPU issue's run); triton — its cross-sums kernel and backward op.
+validated on a GPU by the GPU issue's run); triton — its cross-sums kernel and queue backward op,
+with the Gram hand-over.
 """
 import warnings
 
@@ -62,5 +63,5 @@ else:
                      description="fused Triton kernels: Gram tiles + fused epilogue, panel GEMM for the "
                                  "gradient (CUDA; CPU only under TRITON_INTERPRET=1)", auto_device_types=("cuda",),
                      usable=triton_backend.usable, positive_eps=True,
-                     queue=QueueKernels(triton_backend.cross_sums, triton_backend.queue_backward),
+                     queue=QueueKernels(triton_backend.cross_sums, triton_backend.queue_backward, keeps_gram=True),
                      auto_rule=auto_rules.gpu_fused_reason)

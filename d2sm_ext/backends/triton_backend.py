@@ -175,12 +175,14 @@ def _precision(dtype: torch.dtype, tf32: bool) -> str:
 
 
 def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
-               compute_stats: bool, gx: Optional[torch.Tensor], gy: Optional[torch.Tensor]):
+               compute_stats: bool, gx: Optional[torch.Tensor], gy: Optional[torch.Tensor], grams=None):
     """Panels of rows against all columns: statistics (B, 3, M) and the pairwise gradient sums
     written into gx/gy (B, N, d) fp32. Returns the statistics when compute_stats, else None.
 
     Live rows are processed in panels of R rows (W' panels of R×M fp32 bounded by
     D2SM_PANEL_MB); memory rows, when statistics are needed, in one stats-only launch.
+    ``grams``: the live rows' raw Gram blocks against the memory rows, (N, Q) fp32 each (the
+    queue path's hand-over, one problem): the memory tiles read them instead of multiplying.
     """
     bsz, n, d = x.shape
     q = 0 if xm is None else xm.shape[1]
@@ -196,6 +198,9 @@ def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
     n_tiles = sizing.cdiv(n, bn_) + sizing.cdiv(q, bn_)
     n_panels = int(gx is not None) + int(gy is not None)
     dummy = rx.new_empty(1)
+    if grams is not None and compute_stats:
+        raise ValueError("the Gram hand-over serves the gradient pass only (no statistics)")
+    gmx, gmy = (dummy, dummy) if grams is None else (g.to(torch.float32).contiguous() for g in grams)
     log_ba = (bn.double() / a.double()).log().float()  # log(B_i/A_i), a per-row constant that must not cancel
 
     segments = [(x, y, 0, n, True)]
@@ -211,23 +216,35 @@ def _pair_pass(x, y, xm, ym, rx, ry, a, bn, w, div, exclude_self, eps, tf32,
         for r0 in range(0, rows, panel):
             r1 = min(rows, r0 + panel)
             xi, yi = seg_x[:, r0:r1], seg_y[:, r0:r1]
-            row_blocks = sizing.cdiv(r1 - r0, bm)
-            splits = sizing.triton_column_splits(x.device, row_blocks, bsz, n_tiles)
-            per_split = sizing.cdiv(n_tiles, splits)
-            splits = sizing.cdiv(n_tiles, per_split)
-            part = torch.empty(3, splits, bsz, panel, dtype=torch.float32, device=x.device) if compute_stats else dummy
-            K.pair_panel_kernel[(row_blocks, splits, bsz)](
-                xi, yi, xi.stride(0), xi.stride(1), xi.stride(2), yi.stride(0), yi.stride(1), yi.stride(2),
-                r1 - r0, offset + r0,
-                x, y, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-                xm_, ym_, xm_.stride(0), xm_.stride(1), xm_.stride(2), ym_.stride(0), ym_.stride(1), ym_.stride(2),
-                n, q, d, rx, ry, a, bn, log_ba, w, part, splits, panel,
-                wx if wx is not None else dummy, wy if wy is not None else dummy, eps, per_split,
-                DIV=K.DIVERGENCE_CODES[div], EXCL=exclude_self, COMPUTE_STATS=compute_stats,
-                COMPUTE_GX=wx is not None, COMPUTE_GY=wy is not None,
-                BM=bm, BN=bn_, BK=bk, PRECISION=precision, UPCAST=upcast,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            )
+            part = dummy
+            # one launch over every column tile, or with the Gram handed over (live rows, no
+            # statistics) the live tiles and the memory tiles (read from the Gram) in two launches
+            n_live_tiles = sizing.cdiv(n, bn_)
+            ranges = [(0, n_tiles)] if grams is None or not live else \
+                [(1, n_live_tiles), (2, n_tiles - n_live_tiles)]
+            for tiles, t_count in ranges:
+                if t_count == 0:
+                    continue
+                launch = sizing.triton_given_gram_tiles(cfg) if tiles == 2 else cfg
+                row_blocks = sizing.cdiv(r1 - r0, launch["BM"])
+                splits = sizing.triton_column_splits(x.device, row_blocks, bsz, t_count)
+                per_split = sizing.cdiv(t_count, splits)
+                splits = sizing.cdiv(t_count, per_split)
+                if compute_stats:
+                    part = torch.empty(3, splits, bsz, panel, dtype=torch.float32, device=x.device)
+                K.pair_panel_kernel[(row_blocks, splits, bsz)](
+                    xi, yi, xi.stride(0), xi.stride(1), xi.stride(2), yi.stride(0), yi.stride(1), yi.stride(2),
+                    r1 - r0, offset + r0,
+                    x, y, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+                    xm_, ym_, xm_.stride(0), xm_.stride(1), xm_.stride(2), ym_.stride(0), ym_.stride(1),
+                    ym_.stride(2), n, q, d, rx, ry, a, bn, log_ba, w, part, splits, panel,
+                    wx if wx is not None else dummy, wy if wy is not None else dummy, eps, per_split,
+                    gmx, gmy, q,
+                    DIV=K.DIVERGENCE_CODES[div], EXCL=exclude_self, COMPUTE_STATS=compute_stats,
+                    COMPUTE_GX=wx is not None, COMPUTE_GY=wy is not None,
+                    BM=launch["BM"], BN=bn_, BK=bk, PRECISION=precision, UPCAST=upcast, TILES=tiles,
+                    num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+                )
             if compute_stats:  # fixed-order reduction over the splits: deterministic
                 stats[:, :, offset + r0:offset + r1] = part[:, :, :, :r1 - r0].sum(dim=1)
             for w_panel, seg, mem, g in ((wx, x, xm_, gx), (wy, y, ym_, gy)):
@@ -306,12 +323,13 @@ def _row_statistics(x, y, xm, ym, exclude_self, eps):
 
 
 def _grads(x, y, xm, ym, div, exclude_self, eps, tf32, weights, need_gx, need_gy, stats_needed, row_stats,
-           saved_bars=None):
+           saved_bars=None, grams=None):
     """Run the pass (with stats if asked) and finish the gradients. Returns (stats, gx, gy)."""
     xsegs, ysegs, rx, ry, a, bn, sx, sy = row_stats
     gx = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_gx else None
     gy = torch.zeros(y.shape, dtype=torch.float32, device=y.device) if need_gy else None
-    stats = _pair_pass(x, y, xm, ym, rx, ry, a, bn, weights, div, exclude_self, eps, tf32, stats_needed, gx, gy)
+    stats = _pair_pass(x, y, xm, ym, rx, ry, a, bn, weights, div, exclude_self, eps, tf32, stats_needed, gx, gy,
+                       grams)
     pu, qv = (stats[1], stats[2]) if stats_needed else saved_bars
     if need_gx:
         gx = _finish_grad(gx, x, xsegs, rx, a, weights, pu, sx, exclude_self)
@@ -323,12 +341,14 @@ def _grads(x, y, xm, ym, div, exclude_self, eps, tf32, weights, need_gx, need_gy
 # ----------------------------------------------------------------------------------------------
 # Queue statistics: the cross block's row and column sums (docs/DESIGN.md §3.6)
 # ----------------------------------------------------------------------------------------------
-def _cross_sums_block(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight=None, col_weight=None):
-    """Row sums (4, R) and column sums (4, C) of one row group on the GPU: one Triton kernel over BM×BN tiles of the cross block
+def _cross_sums_block(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight=None, col_weight=None,
+                      grams=None):
+    """Row sums (4, R) and column sums (4, C) of one row group: one Triton kernel over BM×BN tiles of the cross block
     (both Gram tiles with fp32 accumulation; fp32 inputs with IEEE dots, so that a row's terms
     added on enqueue and subtracted on eviction are the same numbers; fp16/bf16 on tensor
     cores), fp32 partial sums per tile, added in float64 in a fixed order: deterministic, no
-    atomics. Memory: the partials, (C/BN)·4·R + (R/BM)·4·C floats — never an R×C matrix."""
+    atomics. Memory: the partials, (C/BN)·4·R + (R/BM)·4·C floats — never an R×C matrix, unless
+    ``grams`` ((R, C) fp32 each) asks for the raw Gram blocks."""
     n_rows, n_cols, d = xr.shape[0], xc.shape[0], xr.shape[1]
     row_sums = torch.zeros(4, n_rows, dtype=torch.float64, device=xr.device)
     col_sums = torch.zeros(4, n_cols, dtype=torch.float64, device=xr.device)
@@ -351,10 +371,10 @@ def _cross_sums_block(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight
         xr, yr, xr.stride(0), xr.stride(1), yr.stride(0), yr.stride(1), n_rows,
         xc, yc, xc.stride(0), xc.stride(1), yc.stride(0), yc.stride(1), n_cols, d,
         *norms, weights[0] if weights[0] is not None else dummy, weights[1] if weights[1] is not None else dummy,
-        row_part, col_part, float(eps),
+        row_part, col_part, float(eps), *(grams if grams is not None else (dummy, dummy)),
         HAS_WR=weights[0] is not None, HAS_WC=weights[1] is not None,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], PRECISION=_precision(dtype, False),
-        UPCAST=interpreter_active() and dtype == torch.bfloat16,
+        UPCAST=interpreter_active() and dtype == torch.bfloat16, KEEP_GRAM=grams is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     row_sums += row_part.sum(dim=0, dtype=torch.float64)  # fixed-order reductions: deterministic
@@ -365,27 +385,28 @@ def _cross_sums_block(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps: float, row_weight
 @_guarded
 def cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps, row_weight, col_weight, row_split, keep_gram):
     """``QueueKernels.cross_sums`` (registry): the kernel above once per row group (the rows before
-    ``row_split`` and the rest; the same work as one launch over all rows). Triton does not hand
-    Gram blocks over (``keeps_gram`` is False for this backend)."""
+    ``row_split`` and the rest; the same work as one launch over all rows); with keep_gram the
+    raw Gram blocks (R, C) fp32, each group's tiles stored by its launch."""
+    grams = None
     if keep_gram:
-        raise ValueError("the triton backend's cross sums do not keep Gram blocks")
+        grams = tuple(torch.zeros(xr.shape[0], xc.shape[0], dtype=torch.float32, device=xr.device) for _ in range(2))
     groups = []
     for r0, r1 in ((0, row_split), (row_split, xr.shape[0])):
         w = None if row_weight is None else row_weight[r0:r1]
         groups.append(_cross_sums_block(xr[r0:r1], yr[r0:r1], rxr[r0:r1], ryr[r0:r1], xc, yc, rxc, ryc, eps, w,
-                                        col_weight))
+                                        col_weight, None if grams is None else (grams[0][r0:r1], grams[1][r0:r1])))
     row_sums = torch.cat([groups[0][0], groups[1][0]], dim=1)
-    return row_sums, torch.stack([groups[0][1], groups[1][1]]), None, None
+    return row_sums, torch.stack([groups[0][1], groups[1][1]]), *(grams or (None, None))
 
 
 def queue_backward(x, y, xm, ym, saved, grad_rows, divergence, exclude_self, eps, tf32, need_gx, need_gy,
                    gram_x=None, gram_y=None):
-    """``QueueKernels.backward``: the backward op over (live rows, memory rows), recomputing the
-    live rows' Gram tiles (no hand-over on Triton)."""
-    if gram_x is not None or gram_y is not None:
-        raise ValueError("the triton backend's queue backward recomputes the Gram blocks; none can be given")
-    return torch.ops.d2sm_ext.triton_d2sm_backward(x, y, xm, ym, saved, grad_rows, divergence, exclude_self,
-                                                   float(eps), tf32, need_gx, need_gy)
+    """``QueueKernels.backward``: the queue backward op (below), with the loss's Gram blocks when
+    given."""
+    empty = x.new_empty(0, dtype=torch.float32)
+    return torch.ops.d2sm_ext.triton_queue_backward(
+        x, y, xm, ym, saved, grad_rows, divergence, exclude_self, float(eps), tf32, need_gx, need_gy,
+        empty if gram_x is None else gram_x, empty if gram_y is None else gram_y)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,6 +472,11 @@ def triton_d2sm_backward(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[to
                          divergence: str, exclude_self: bool, eps: float, tf32: bool,
                          need_gx: bool, need_gy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward op of ``fused_op`` (reduction "none": row weights w = grad_rows)."""
+    return _backward(x, y, x_memory, y_memory, saved, grad_rows, divergence, exclude_self, eps, tf32, need_gx, need_gy)
+
+
+def _backward(x, y, x_memory, y_memory, saved, grad_rows, divergence, exclude_self, eps, tf32, need_gx, need_gy,
+              grams=None):
     x3, y3, xm3, ym3 = _as3d(x), _as3d(y), _as3d(x_memory), _as3d(y_memory)
     check_batch(x3.shape[0])
     rx, ry, a, bn, pu, qv = saved.unbind(0)
@@ -459,10 +485,31 @@ def triton_d2sm_backward(x: torch.Tensor, y: torch.Tensor, x_memory: Optional[to
     sy = _colsum(ysegs, ry, y3.shape[2])
     weights = grad_rows.reshape(rx.shape).to(torch.float32).contiguous()
     _, gx, gy = _grads(x3, y3, xm3, ym3, divergence, exclude_self, eps, tf32, weights, need_gx, need_gy,
-                       False, (xsegs, ysegs, rx, ry, a, bn, sx, sy), saved_bars=(pu, qv))
+                       False, (xsegs, ysegs, rx, ry, a, bn, sx, sy), saved_bars=(pu, qv), grams=grams)
     bad = _nonfinite_problems(a, bn)
     gx, gy = _nan_where(bad, gx), _nan_where(bad, gy)
     return _grad_or_empty(gx, x), _grad_or_empty(gy, y)
+
+
+@torch.library.custom_op("d2sm_ext::triton_queue_backward", mutates_args=())
+@_guarded
+def triton_queue_backward(x: torch.Tensor, y: torch.Tensor, x_memory: torch.Tensor, y_memory: torch.Tensor,
+                          saved: torch.Tensor, grad_rows: torch.Tensor, divergence: str, exclude_self: bool,
+                          eps: float, tf32: bool, need_gx: bool, need_gy: bool, gram_x: torch.Tensor,
+                          gram_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ ``queue_backward`` schema on Triton: the backward over (live rows, memory rows) of
+    one sample set, the memory tiles' Gram read from gram_x/gram_y (N, Q) when they are given
+    (empty: recomputed)."""
+    grams = (gram_x, gram_y) if gram_x.numel() or gram_y.numel() else None
+    return _backward(x, y, x_memory, y_memory, saved, grad_rows, divergence, exclude_self, eps, tf32, need_gx,
+                     need_gy, grams)
+
+
+@triton_queue_backward.register_fake
+def _(x, y, x_memory, y_memory, saved, grad_rows, divergence, exclude_self, eps, tf32, need_gx, need_gy, gram_x,
+      gram_y):
+    return fused_op.fake_backward(x, y, x_memory, y_memory, saved, grad_rows, divergence, exclude_self, eps, tf32,
+                                  need_gx, need_gy)
 
 
 fused_op.register("d2sm_ext::triton_d2sm", "d2sm_ext::triton_d2sm_backward")

@@ -170,10 +170,11 @@ def pair_panel_kernel(
     part_ptr, n_splits, panel_rows,
     wx_ptr, wy_ptr,
     eps, tiles_per_split,
+    gmx_ptr, gmy_ptr, s_gm,
     DIV: tl.constexpr, EXCL: tl.constexpr, COMPUTE_STATS: tl.constexpr,
     COMPUTE_GX: tl.constexpr, COMPUTE_GY: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, TILES: tl.constexpr = 0,
 ):
     """Gram tiles + fused epilogue for one panel of rows against a range of column tiles.
 
@@ -184,6 +185,12 @@ def pair_panel_kernel(
     kernel values, the row sums F, Σp·u, Σq·v (partial, per split: part[k, s, b, row]) and, for
     rows that need a gradient, the weights W'_ij = (α_i u_ij + α_j u_ji)·r_j into the panel
     wx (and W' for y into wy), both (B, panel_rows, M) fp32.
+
+    TILES: 0 every column tile; with the Gram handed over (the queue path: one problem of live
+    rows, no statistics, docs/DESIGN.md §3.6) two launches, 1 the live tiles only and 2 the memory
+    tiles only, whose raw Gram tiles are read from gmx/gmy (N, Q) fp32 (row stride s_gm) — the
+    loss's cross block — instead of being multiplied again (no dot loop in that variant). The
+    splits (tiles_per_split) count within the launch's tiles.
     """
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -206,8 +213,15 @@ def pair_panel_kernel(
 
     n_live_tiles = tl.cdiv(N, BN)
     n_tiles = n_live_tiles + tl.cdiv(Q, BN)
-    t_begin = pid_s * tiles_per_split
-    t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
+    if TILES == 2:
+        t_begin = n_live_tiles + pid_s * tiles_per_split
+        t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
+    elif TILES == 1:
+        t_begin = pid_s * tiles_per_split
+        t_end = tl.minimum(t_begin + tiles_per_split, n_live_tiles)
+    else:
+        t_begin = pid_s * tiles_per_split
+        t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
     f_acc = tl.zeros((BM,), dtype=tl.float32)
     pu_acc = tl.zeros((BM,), dtype=tl.float32)
     qv_acc = tl.zeros((BM,), dtype=tl.float32)
@@ -230,15 +244,20 @@ def pair_panel_kernel(
             syj_d = sym_d
         cx = tl.zeros((BM, BN), dtype=tl.float32)
         cy = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in range(0, D, BK):
-            kk = (k + tl.arange(0, BK)).to(tl.int64)
-            k_ok = kk < D
-            xi = tl.load(xi_base + kk[None, :] * sxi_d, mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
-            xj = tl.load(xj_base + kk[None, :] * sxj_d, mask=cols_ok[:, None] & k_ok[None, :], other=0.0)
-            cx += _dot(xi, tl.trans(xj), PRECISION, UPCAST)
-            yi = tl.load(yi_base + kk[None, :] * syi_d, mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
-            yj = tl.load(yj_base + kk[None, :] * syj_d, mask=cols_ok[:, None] & k_ok[None, :], other=0.0)
-            cy += _dot(yi, tl.trans(yj), PRECISION, UPCAST)
+        if TILES == 2:  # memory tiles only, from the given Gram
+            g_ok = rows_ok[:, None] & cols_ok[None, :]
+            cx += tl.load(gmx_ptr + gi[:, None] * s_gm + cols[None, :], mask=g_ok, other=0.0)
+            cy += tl.load(gmy_ptr + gi[:, None] * s_gm + cols[None, :], mask=g_ok, other=0.0)
+        else:
+            for k in range(0, D, BK):
+                kk = (k + tl.arange(0, BK)).to(tl.int64)
+                k_ok = kk < D
+                xi = tl.load(xi_base + kk[None, :] * sxi_d, mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+                xj = tl.load(xj_base + kk[None, :] * sxj_d, mask=cols_ok[:, None] & k_ok[None, :], other=0.0)
+                cx += _dot(xi, tl.trans(xj), PRECISION, UPCAST)
+                yi = tl.load(yi_base + kk[None, :] * syi_d, mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+                yj = tl.load(yj_base + kk[None, :] * syj_d, mask=cols_ok[:, None] & k_ok[None, :], other=0.0)
+                cy += _dot(yi, tl.trans(yj), PRECISION, UPCAST)
 
         stat_j = b * M + gj
         rxj = tl.load(rx_ptr + stat_j, mask=cols_ok, other=0.0)
@@ -359,16 +378,17 @@ def cross_sums_kernel(
     xr_ptr, yr_ptr, s_xr_m, s_xr_d, s_yr_m, s_yr_d, R,
     xc_ptr, yc_ptr, s_xc_m, s_xc_d, s_yc_m, s_yc_d, C, D,
     rxr_ptr, ryr_ptr, rxc_ptr, ryc_ptr, wr_ptr, wc_ptr,
-    row_part_ptr, col_part_ptr, eps,
+    row_part_ptr, col_part_ptr, eps, gx_out_ptr, gy_out_ptr,
     HAS_WR: tl.constexpr, HAS_WC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, KEEP_GRAM: tl.constexpr = False,
 ):
     """One BM×BN tile of the cross block between row set R and column set C: both Gram tiles
     over d, the pair terms T = (K', K, K'·log(K'/K), K·log(K/K')), and their partial sums —
     along the tile's columns, weighted by wc, into row_part[col block, k, rows] (n_cblocks, 4, R)
     and down its rows, weighted by wr, into col_part[row block, k, cols] (n_rblocks, 4, C). A zero
-    weight leaves its row or column out even where its terms are NaN.
+    weight leaves its row or column out even where its terms are NaN. KEEP_GRAM: the raw Gram
+    tiles are also stored into gx_out/gy_out (R, C) fp32, for the queue path's gradient.
     Every partial has one writer; the caller adds them up in a fixed order (no atomics)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -391,6 +411,10 @@ def cross_sums_kernel(
         b = tl.load(yc_ptr + cols[:, None] * s_yc_m + kk[None, :] * s_yc_d, mask=cols_ok[:, None] & k_ok[None, :],
                     other=0.0)
         gy += _dot(a, tl.trans(b), PRECISION, UPCAST)
+    if KEEP_GRAM:
+        g_off = rows[:, None] * C + cols[None, :]
+        tl.store(gx_out_ptr + g_off, gx, mask=rows_ok[:, None] & cols_ok[None, :])
+        tl.store(gy_out_ptr + g_off, gy, mask=rows_ok[:, None] & cols_ok[None, :])
     rxi = tl.load(rxr_ptr + rows, mask=rows_ok, other=0.0)
     ryi = tl.load(ryr_ptr + rows, mask=rows_ok, other=0.0)
     rxj = tl.load(rxc_ptr + cols, mask=cols_ok, other=0.0)
