@@ -288,8 +288,8 @@ class D2SMLoss(nn.Module):
             fx, world = dist_helpers.gather_live_rows(fx)
             fy, _ = dist_helpers.all_gather_rows(fy)
         queued = 0 if self.queue is None else len(self.queue)
-        if self.queue is not None:
-            self.queue._changed()  # what an earlier loss left is not this batch's (enqueue_last_batch below)
+        if self.queue is not None and self.queue.statistics_enabled:
+            self.queue.stats.discard_pending()  # what an earlier loss left is not this batch's (see below)
         live = fx.shape[-2]
         rows = live + queued
         # Connects a loss without live rows to the graph: backward works, gradients are zero.
