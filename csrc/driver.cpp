@@ -111,10 +111,23 @@ static Tensor mm_segment(const Problem& p, bool is_y, bool memory) {
   return is_y ? p.y_mm : p.x_mm;
 }
 
+// 1/‖row‖ (0 for a zero row, NaN for a non-finite one) without overflow: each row is divided by
+// the power of two of its largest |entry| (exact) before squaring, and the result by it after,
+// so rows whose squared norm overflows (float32 entries ≳ 2e19) or underflows get their true
+// value and every other row gets bitwise the unscaled one. reference.inverse_norms is the
+// same rule (docs/DESIGN.md §2.1).
 static Tensor inv_norms(const Problem& p, bool is_y) {
   auto one = [](const Tensor& t) {
-    Tensor n = at::linalg_vector_norm(t, 2, {-1});
-    return at::where(n > 0, 1.0 / at::where(n > 0, n, at::ones_like(n)), at::zeros_like(n));
+    const Tensor peak = t.abs().amax({-1});
+    const Tensor exponent = std::get<1>(at::frexp(peak));
+    const Tensor pow2 = at::ldexp(at::ones_like(peak), exponent);
+    const Tensor finite_nonzero = at::isfinite(peak).logical_and(peak > 0);
+    const Tensor scale = at::where(finite_nonzero, pow2, at::where(peak == 0, at::ones_like(peak), peak));
+    const Tensor n = at::linalg_vector_norm(t / scale.unsqueeze(-1), 2, {-1});
+    const Tensor inv = 1.0 / at::where(n == 0, at::ones_like(n), n) / scale;
+    // A nonzero row whose inverse norm leaves the dtype's range reads as a zero row.
+    const Tensor as_zero = (n == 0).logical_or(at::isinf(inv).logical_and(at::isfinite(scale)));
+    return at::where(as_zero, at::zeros_like(inv), inv);
   };
   Tensor r = one(segment(p, is_y, false));
   if (p.Q) r = at::cat({r, one(segment(p, is_y, true))}, 1);

@@ -15,8 +15,10 @@
   sizes against it at construction).
 
 Every extractor is frozen: its parameters are turned into buffers (so they move with ``.to()`` /
-``.double()`` but never appear in ``parameters()`` and never enter an optimizer), it stays in eval
-mode even when the surrounding module trains, and gradients still flow to the input images.
+``.double()`` but never appear in ``parameters()`` and never enter an optimizer), its batch-norm
+layers become ``FrozenBatchNorm`` (eval-mode arithmetic, untouched by
+``nn.SyncBatchNorm.convert_sync_batchnorm``), it stays in eval mode even when the surrounding
+module trains, and gradients still flow to the input images.
 """
 from __future__ import annotations
 
@@ -31,8 +33,48 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class FrozenBatchNorm(nn.Module):
+    """A batch-norm layer frozen in eval mode (as torchvision's FrozenBatchNorm2d): the affine
+    weight and bias and the running statistics are buffers, and the output is exactly the
+    layer's own eval-mode output (the same ``F.batch_norm`` call, for 1-d, 2-d and 3-d inputs).
+    Not a ``_BatchNorm``: ``nn.SyncBatchNorm.convert_sync_batchnorm`` leaves it alone (it would
+    otherwise rebuild the layer from parameters that are no longer there), and no mode switch
+    can make it update its statistics. The buffer names are the layer's, so state dicts keep
+    their keys (weight and bias non-persistent, as every frozen parameter)."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.eps = bn.eps
+        self.num_features = bn.num_features
+        for name in ("weight", "bias"):
+            t = getattr(bn, name)
+            self.register_buffer(name, None if t is None else t.detach(), persistent=False)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            self.register_buffer(name, getattr(bn, name, None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # _BatchNorm in eval mode: running statistics when it tracks them, else the batch's.
+        batch_stats = self.running_mean is None and self.running_var is None
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, batch_stats, 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def _freeze_batch_norms(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, FrozenBatchNorm(child))
+        else:
+            _freeze_batch_norms(child)
+
+
 def freeze(module: nn.Module) -> nn.Module:
-    """Turn every parameter of ``module`` into a (non-persistent) buffer and set eval mode."""
+    """Freeze ``module`` in place: every batch-norm layer becomes a ``FrozenBatchNorm`` (same
+    eval-mode output), every other parameter a (non-persistent) buffer, and eval mode is set."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module = FrozenBatchNorm(module)
+    _freeze_batch_norms(module)
     for sub in module.modules():
         for name, param in list(sub.named_parameters(recurse=False)):
             delattr(sub, name)

@@ -23,7 +23,7 @@ import torch
 from . import auto_rules, queue_stats
 from .fused_op import use_tf32
 from .registry import resolve_backend
-from .reference import DIVERGENCES, REDUCTIONS, promote
+from .reference import DIVERGENCES, REDUCTIONS, promote, safe_rows
 
 PRECISIONS = ("auto", "ieee", "tf32")
 
@@ -182,6 +182,12 @@ def d2sm_divergence(
         x_memory, y_memory = (view.x, view.y) if view is not None else queue.memory()
     validate_inputs(x, y, divergence, exclude_self, reduction, eps, x_memory, y_memory, precision)
     x, y, x_memory, y_memory = promote(x, y, x_memory, y_memory)
+    # Huge or tiny rows are brought into range by exact powers of two (the value is per-row
+    # scale-invariant): no Gram product can overflow on any path (docs/DESIGN.md §2.1).
+    # A queue stores its rows so already (FeatureQueue.enqueue).
+    x, y = safe_rows(x), safe_rows(y)
+    if queue is None:
+        x_memory, y_memory = safe_rows(x_memory), safe_rows(y_memory)
     tf32 = use_tf32(precision)
     # The measured GPU rule compares full passes; the kept-statistics path does O(N·q·d) instead of
     # O((N+q)²·d) work and is not ruled by it: backend= resolves among the backends with queue

@@ -40,7 +40,7 @@ from torch import nn
 
 from . import distributed as dist_helpers
 from .queue_stats import EnqueuePlan, QueueStatistics, QueueView
-from .reference import compute_dtype
+from .reference import compute_dtype, safe_rows
 from .registry import resolve_backend
 
 
@@ -259,6 +259,9 @@ class FeatureQueue(nn.Module):
         if dist_helpers.resolve(distributed, group):
             both, _ = dist_helpers.all_gather_rows(torch.cat([x, y], dim=1), group)
             x, y = both[:, :self.dim], both[:, self.dim:]
+        # Rows stored in range (exact powers of two; the loss is per-row scale-invariant), so
+        # the kept sums' Gram products cannot overflow (docs/DESIGN.md §2.1).
+        x, y = safe_rows(x), safe_rows(y)
         self._write(x, y, None)
 
     @torch.no_grad()

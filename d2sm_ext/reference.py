@@ -50,14 +50,59 @@ def promote(*tensors: Optional[torch.Tensor]) -> tuple:
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
+def row_scales(v: torch.Tensor) -> torch.Tensor:
+    """A power of two per row (last dimension reduced): 2^e with max|v| = m·2^e, m in [0.5, 1);
+    1 for a zero row; the peak itself (inf or NaN) for a non-finite row. Dividing a row by it is
+    exact and brings its entries into [-1, 1], so squares and dot products of the scaled rows
+    neither overflow nor underflow (docs/DESIGN.md §2.1). Not differentiated: what it scales is
+    homogeneous in the row."""
+    peak = v.detach().abs().amax(dim=-1)
+    _, exponent = torch.frexp(peak)
+    scale = torch.ldexp(torch.ones_like(peak), exponent)
+    finite_nonzero = torch.isfinite(peak) & (peak > 0)
+    return torch.where(finite_nonzero, scale, torch.where(peak == 0, torch.ones_like(peak), peak))
+
+
 def inverse_norms(v: torch.Tensor) -> torch.Tensor:
     """``1/‖v‖`` per row (last dimension reduced), 0 for a zero row (a zero vector has no
-    direction: its cosines are 0 and its gradient 0, never the 1/tiny blow-up)."""
-    norm = torch.linalg.vector_norm(v, dim=-1)
-    nonzero = norm > 0
+    direction: its cosines are 0 and its gradient 0, never the 1/tiny blow-up).
+
+    Overflow-safe: ``1/‖v‖ = (1/‖v/s‖)/s`` with s the row's power of two from ``row_scales``, so
+    a row whose squared norm overflows (float32 entries ≳ 2e19) or underflows still gets its true
+    inverse norm; for every other row the result is bitwise the unscaled formula's (scaling by a
+    power of two is exact). A non-finite row gives NaN (never a plausible 0). A nonzero row whose
+    inverse norm exceeds the dtype's range (‖v‖ below 1/max, subnormal entries only) is read as
+    a zero row. The gradient is 1/‖v‖'s: s is a constant of the expression, which is homogeneous
+    of degree -1 in v."""
+    scale = row_scales(v)
+    norm = torch.linalg.vector_norm(v / scale[..., None], dim=-1)
+    zero = norm == 0
     # Two wheres keep the untaken 1/0 branch out of autograd (no 0·inf = NaN in the gradient).
-    safe = torch.where(nonzero, norm, torch.ones_like(norm))
-    return torch.where(nonzero, 1.0 / safe, torch.zeros_like(norm))
+    safe = torch.where(zero, torch.ones_like(norm), norm)
+    inv = (1.0 / safe) / scale
+    return torch.where(zero | (torch.isinf(inv) & torch.isfinite(scale)), torch.zeros_like(inv), inv)
+
+
+# Rows whose largest |entry| lies in [2^-40, 2^40] are used as they are: squares, dot products
+# and Gram entries of such rows stay far inside float32's range for any d below 2^40.
+_SAFE_PEAK_EXP = 40
+
+
+def safe_rows(v: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``v`` with every row whose largest |entry| lies outside [2^-40, 2^40] divided by its
+    power of two from ``row_scales`` (docs/DESIGN.md §2.1). The divergence depends on each row
+    only through its direction, and dividing by a power of two is exact, so values are
+    unchanged while no backend's Gram products (x_i·x_j of raw rows) can overflow or underflow;
+    autograd carries the factor into the gradient. Other rows are divided by 1 (bitwise
+    unchanged) and non-finite rows stay non-finite. O(M·d), never a host sync (the division is
+    done whether or not a row needs it). None stays None."""
+    if v is None or v.numel() == 0:
+        return v
+    peak = v.detach().abs().amax(dim=-1)
+    _, exponent = torch.frexp(peak)
+    outside = (exponent.abs() > _SAFE_PEAK_EXP) & (peak > 0) | ~torch.isfinite(peak)
+    scale = torch.where(outside, row_scales(v), torch.ones_like(peak))
+    return v / scale[..., None].to(v.dtype)
 
 
 def normalize_rows(v: torch.Tensor) -> torch.Tensor:

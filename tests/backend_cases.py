@@ -268,3 +268,65 @@ def check_half_gradients(backend, device, dtype, m):
     smallest = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # the smallest subnormal
     flushed = (got.cpu() == 0) & (want.abs() > smallest)
     assert not flushed.any(), f"{int(flushed.sum())} entries flushed to zero where the reference is > 1 subnormal"
+
+
+def huge_row_inputs(device, magnitude, seed=0):
+    """Unit-scale features (x, y, memory rows) and the same features with every other live row
+    and every other memory row multiplied by ``magnitude`` in float32 (squared norms overflow
+    beyond ~2e19). Returns (unit inputs, huge inputs, live-row scales (N, 1))."""
+    x, y, mem = make_inputs((9, 24), 7, device)
+    live = torch.ones(9, 1, device=device)
+    live[::2] = magnitude
+    memory = torch.ones(7, 1, device=device)
+    memory[1::2] = magnitude
+    big_x = (x.detach() * live).requires_grad_(True)
+    big_y = (y.detach() * live).requires_grad_(True)
+    big_mem = (mem[0] * memory, mem[1] * memory)
+    assert torch.isfinite(big_x).all() and torch.isinf(big_x.double().pow(2).sum(-1).float()).any() == (magnitude > 2e19)
+    return (x, y, mem), (big_x, big_y, big_mem), live
+
+
+def check_huge_rows(backend, device, magnitude, div, red):
+    """The divergence is scale-invariant per row: rows of magnitude 3e19 or 1e30 (live and
+    memory, x and y) give the value of the unit-scale rows, and gradients that times the row's
+    scale are the unit rows' (∇L(c·x) = ∇L(x)/c), against the float64 reference of the unit rows,
+    within the float32 tolerance."""
+    (x, y, mem), (bx, by, bmem), live = huge_row_inputs(device, magnitude)
+    upstream = None if red != "none" else torch.randn(16, generator=torch.Generator().manual_seed(1))
+    want, wgx, wgy = reference64(x, y, mem, div, True, red, upstream)
+    got, gx, gy = run_backend(backend, bx, by, bmem, div, True, red, upstream)
+    assert_f32_close(got, want, "value")
+    assert_f32_close(gx * live, wgx, "grad x")
+    assert_f32_close(gy * live, wgy, "grad y")
+
+
+def check_huge_rows_with_queue(backend, device, magnitude, div, use_last_batch=False):
+    """As check_huge_rows with the memory rows in a FeatureQueue(statistics=True) (queue=...):
+    two queues, one fed the unit rows and one the same rows with every other row at
+    ``magnitude``, over three steps (loss, backward, enqueue); the huge queue's loss and
+    gradients (times the row scale) equal the float64 reference of the unit rows against the
+    unit queue's memory, and its kept sums stay finite."""
+    from d2sm_ext import FeatureQueue
+
+    g = torch.Generator().manual_seed(0)
+    unit_q = FeatureQueue(12, 16, device=device, statistics=True, backend=backend)
+    big_q = FeatureQueue(12, 16, device=device, statistics=True, backend=backend)
+    scale = torch.ones(5, 1, device=device)
+    scale[::2] = magnitude
+    for step in range(3):
+        x = torch.randn(5, 16, generator=g).to(device)
+        y = (x + 0.7 * torch.randn(5, 16, generator=g).to(device))
+        bx, by = (x * scale).requires_grad_(True), (y * scale).requires_grad_(True)
+        if step > 0:
+            mem = unit_q.memory()
+            want, wgx, wgy = reference64(x, y, mem, div, True, "mean")
+            got, gx, gy = run_backend(backend, bx, by, None, div, True, "mean", queue=big_q)
+            assert_f32_close(got, want, f"value (step {step})")
+            assert_f32_close(gx * scale, wgx, f"grad x (step {step})")
+            assert_f32_close(gy * scale, wgy, f"grad y (step {step})")
+        unit_q.enqueue(x, y)
+        if use_last_batch and step > 0:
+            big_q.enqueue_last_batch()
+        else:
+            big_q.enqueue(bx, by)
+        assert torch.isfinite(big_q.stats.row_sums).all() and torch.isfinite(big_q.stats.row_inv_norms).all()

@@ -109,3 +109,74 @@ def run(rank, world, init_file, out):
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+class LossInside(nn.Module):
+    """A model that holds its D2SMLoss (with a queue keeping statistics) as an attribute, as a
+    training module often does: DDP wraps both."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_denoiser()
+        self.crit = D2SMLoss(extractor=tiny_extractor(), sampling="batch", queue_size=8)
+
+    def forward(self, noisy, clean):
+        restored = noisy + self.net(noisy)
+        return (restored - clean).abs().mean() + self.crit(restored, clean), restored.detach()
+
+
+QUEUE_STEPS = 4
+
+
+def queue_batches(rank, step):
+    clean = images(400 + 10 * step + rank, 2 + rank)  # uneven: 2 and 3 images
+    noisy = clean + 0.1 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(500 + step + rank))
+    return noisy, clean
+
+
+def run_queue_broadcast(rank, world, init_file, out):
+    """The loss inside the DDP-wrapped module, ranks fed different batches. Records every tensor
+    DDP broadcasts (at construction and before each forward), with and without
+    d2sm_ext.distributed.ddp_ignore_queues, and the queue after the steps."""
+    from d2sm_ext.distributed import ddp_ignore_queues, queue_buffer_names
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    broadcast = []
+    original = dist._broadcast_coalesced
+
+    def recording(group, tensors, *args, **kwargs):
+        broadcast.extend(t.data_ptr() for t in tensors)
+        return original(group, tensors, *args, **kwargs)
+
+    dist._broadcast_coalesced = recording
+    try:
+        result = {}
+        for ignore in (True, False):
+            model = LossInside()
+            queue_ptrs = {b.data_ptr() for b in model.crit.queue.buffers()}
+            names = queue_buffer_names(model)
+            if ignore:
+                ddp_ignore_queues(model)
+            ddp = nn.parallel.DistributedDataParallel(model)
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+            broadcast.clear()
+            fed = []
+            for step in range(QUEUE_STEPS):
+                noisy, clean = queue_batches(rank, step)
+                loss, restored = ddp(noisy, clean)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                fed.append((restored, clean))
+            result[f"queue_broadcast_{ignore}"] = len(queue_ptrs & set(broadcast))
+            result[f"other_broadcast_{ignore}"] = len(set(broadcast) - queue_ptrs)
+            result[f"modules_buffers_{ignore}"] = len(queue_ptrs & {b.data_ptr() for b in ddp.modules_buffers})
+            result[f"names_{ignore}"] = names
+            q = model.crit.queue
+            result[f"queue_{ignore}"] = (q.x_buffer.clone(), q.y_buffer.clone(), q.stats.row_sums.clone(),
+                                         int(q.filled), int(q.write_pointer))
+            result[f"fed_{ignore}"] = fed
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist._broadcast_coalesced = original
+        dist.destroy_process_group()

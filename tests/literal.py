@@ -6,8 +6,11 @@ import math
 
 
 def _unit(v):
-    n = math.sqrt(sum(a * a for a in v))
-    return [a / n for a in v] if n > 0 else [0.0 for _ in v]
+    s = max((abs(a) for a in v), default=0.0)  # scaled first: the squares of huge rows would overflow
+    if s == 0:
+        return [0.0 for _ in v]
+    n = math.sqrt(sum((a / s) * (a / s) for a in v))
+    return [(a / s) / n for a in v]
 
 
 def _kernel(u, v, eps):

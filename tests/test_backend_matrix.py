@@ -12,6 +12,7 @@ import torch
 
 import d2sm_ext
 from backend_cases import (assert_f32_close, check_compile_fullgraph, check_edge_rows_float64, check_float64_literal,
+                           check_huge_rows, check_huge_rows_with_queue,
                            check_gradcheck, check_low_precision, check_non_contiguous, check_opcheck, check_parity,
                            edge_inputs, make_inputs, reference64, run_backend)
 from backend_matrix import CPP_OPS, ROWS, TRITON_OPS, apply_variant, ops_of, rows_params
@@ -198,3 +199,25 @@ def test_fused_op_schemas_are_identical():
 
     for cpp, triton in zip(CPP_OPS, TRITON_OPS):
         assert signature(cpp) == signature(triton), (cpp, triton)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy in Triton's interpreter
+@pytest.mark.parametrize("row,env", rows_params(dtype=torch.float32))
+@pytest.mark.parametrize("magnitude", [3e19, 1e30])
+@pytest.mark.parametrize("div,red", [("kl", "mean"), ("js", "none"), ("reverse_kl", "sum")])
+def test_huge_rows_are_scale_invariant(row, env, magnitude, div, red, monkeypatch):
+    """float32 rows whose squared norm overflows (live and memory): same values and gradients
+    (times the row scale) as the same rows at magnitude 1, on every row of the matrix."""
+    apply_variant(monkeypatch, env)
+    check_huge_rows(row.backend, row.device, magnitude, div, red)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy in Triton's interpreter
+@pytest.mark.parametrize("row,env", rows_params(dtype=torch.float32))
+@pytest.mark.parametrize("magnitude", [3e19, 1e30])
+@pytest.mark.parametrize("div,last_batch", [("kl", False), ("symmetric_kl", True), ("js", False)])
+def test_huge_rows_with_a_queue(row, env, magnitude, div, last_batch, monkeypatch):
+    """The same with the memory rows in a FeatureQueue(statistics=True) passed as queue= (the
+    kept-statistics path; js takes the full pass), enqueue and enqueue_last_batch."""
+    apply_variant(monkeypatch, env)
+    check_huge_rows_with_queue(row.backend, row.device, magnitude, div, use_last_batch=last_batch)

@@ -117,3 +117,42 @@ def test_empty_batch_on_one_rank(results, gather_live):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(r0[f"empty_queue_{gather_live}"], r1[f"empty_queue_{gather_live}"])
     assert r0[f"empty_queue_{gather_live}"].shape[0] == 16
+
+
+@pytest.fixture(scope="module")
+def queue_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_queue")
+    mp.spawn(ddp_worker.run_queue_broadcast, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_ddp_never_broadcasts_the_queue_after_ddp_ignore_queues(queue_results):
+    """A D2SMLoss held by the DDP-wrapped model: with ddp_ignore_queues no tensor DDP broadcasts
+    (at construction or before a forward) is a queue buffer, and DDP's modules_buffers leaves
+    them out; without it they are broadcast (the recording sees them), so the check can fail."""
+    for r in queue_results:
+        assert len(r["names_True"]) == 6 and all(n.startswith("crit.queue.") for n in r["names_True"])
+        assert r["queue_broadcast_True"] == 0 and r["modules_buffers_True"] == 0
+        assert r["other_broadcast_True"] > 0  # the recording works: the parameters were broadcast at construction
+        assert r["queue_broadcast_False"] == 6 and r["modules_buffers_False"] == 6
+
+
+@pytest.mark.parametrize("ignore", [True, False])
+def test_ddp_queues_identical_and_equal_to_one_process(queue_results, ignore):
+    """Ranks fed different (uneven) batches for 4 steps: the queues (rows, kept sums, fill state)
+    are bitwise identical on both ranks, and equal those of one process fed the all-gathered
+    stream (rank 0's rows, then rank 1's, each step)."""
+    from d2sm_ext import D2SMLoss
+
+    r0, r1 = queue_results
+    for a, b in zip(r0[f"queue_{ignore}"], r1[f"queue_{ignore}"]):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    single = D2SMLoss(extractor=ddp_worker.tiny_extractor(), sampling="batch", queue_size=8)
+    for (restored0, clean0), (restored1, clean1) in zip(r0[f"fed_{ignore}"], r1[f"fed_{ignore}"]):
+        single(torch.cat([restored0, restored1]), torch.cat([clean0, clean1]))
+    x, y, sums, filled, pointer = r0[f"queue_{ignore}"]
+    q = single.queue
+    assert (int(q.filled), int(q.write_pointer)) == (filled, pointer) == (8, (4 * 5) % 8)
+    torch.testing.assert_close(q.x_buffer, x, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(q.y_buffer, y, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(q.stats.row_sums, sums, rtol=1e-6, atol=1e-9)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from d2sm_ext.extractors import (VGG19, build_extractor, efficientnet_lite, freeze, vgg19)
+from d2sm_ext.extractors import (VGG19, FrozenBatchNorm, build_extractor, efficientnet_lite, freeze, vgg19)
 
 CAT_CLASSES = range(281, 286)  # ImageNet's domestic-cat classes
 
@@ -59,3 +59,89 @@ def test_custom_module_and_unknown_name():
         build_extractor("resnet")
     with pytest.raises(ValueError, match="B×3×H×W"):
         ext(torch.rand(2, 1, 16, 16))
+
+
+def _bn_network():
+    """Conv + BatchNorm2d (affine and not), BatchNorm1d, with running statistics that are not the
+    defaults (a few training-mode passes)."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.Sequential(nn.Conv2d(6, 6, 3), nn.BatchNorm2d(6, affine=False)), nn.AdaptiveAvgPool2d(2),
+                        nn.Flatten(), nn.Linear(24, 10), nn.BatchNorm1d(10))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-1.0, 1.0)
+        net.train()
+        for _ in range(3):
+            net(torch.rand(4, 3, 12, 12) * 3)
+    return net.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_frozen_batch_norm_matches_the_network_in_eval_mode(dtype):
+    """freeze() replaces every BatchNorm by FrozenBatchNorm: bitwise the unfrozen network's
+    eval-mode output, in float32 and after .to(bfloat16) / .double(); no _BatchNorm and no
+    parameter left; the state dict keeps the running statistics under the same keys."""
+    import copy
+
+    net = _bn_network()
+    frozen = freeze(copy.deepcopy(net))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in frozen.modules())
+    assert list(frozen.parameters()) == []
+    stats_keys = {k for k in net.state_dict() if "running" in k or "num_batches" in k}
+    assert stats_keys and stats_keys <= set(frozen.state_dict())
+    frozen.train()  # freeze() must not let a mode switch reach the statistics
+    img = torch.rand(5, 3, 12, 12)
+    want = net.to(dtype)(img.to(dtype))
+    got = frozen.to(dtype)(img.to(dtype))
+    assert got.dtype == dtype
+    assert torch.equal(got, want)
+    assert torch.equal(frozen[1].running_mean, net[1].running_mean)  # no statistics update in train()
+    # a layer frozen on its own is frozen too
+    single = freeze(copy.deepcopy(net[1]))
+    maps = torch.randn(2, 6, 3, 3).to(dtype)
+    assert isinstance(single, FrozenBatchNorm) and torch.equal(single(maps), net[1](maps))
+
+
+def test_d2sm_loss_survives_convert_sync_batchnorm():
+    """A model holding a D2SMLoss whose extractor has BatchNorm layers: convert_sync_batchnorm
+    converts the model's own BatchNorm and leaves the frozen extractor's alone; the loss is the
+    same number before and after."""
+    from d2sm_ext import D2SMLoss
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3))
+            self.crit = D2SMLoss(extractor=_bn_network(), sampling="batch", queue_size=8)
+
+    model = Model()
+    clean, restored = torch.rand(4, 3, 12, 12), torch.rand(4, 3, 12, 12)
+    before = model.crit(restored, clean)
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(converted.net[1], nn.SyncBatchNorm)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in converted.crit.modules())
+    converted.crit.queue.reset()
+    model_after = converted.crit(restored, clean)
+    torch.testing.assert_close(model_after, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_d2sm_loss_with_a_queue_survives_module_casts(dtype):
+    """.to(bfloat16) / .double() of a D2SMLoss with a queue (BatchNorm extractor): the loss runs,
+    is finite and differentiable; the queue's kept sums stay float64."""
+    from d2sm_ext import D2SMLoss
+
+    crit = D2SMLoss(extractor=_bn_network(), sampling="batch", queue_size=8)
+    crit(torch.rand(4, 3, 12, 12), torch.rand(4, 3, 12, 12))  # fills part of the queue
+    crit = crit.to(dtype)
+    assert crit.queue.stats.row_sums.dtype == torch.float64
+    for _ in range(3):
+        restored = torch.rand(4, 3, 12, 12, dtype=dtype, requires_grad=True)
+        loss = crit(restored, torch.rand(4, 3, 12, 12, dtype=dtype))
+        assert torch.isfinite(loss) and loss > 0
+        (g,) = torch.autograd.grad(loss, restored)
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+        assert crit.queue.stats.row_sums.dtype == torch.float64

@@ -185,3 +185,49 @@ def test_help_documents_every_argument():
     forward = pydoc.render_doc(D2SMLoss.forward, renderer=pydoc.plaintext)
     for phrase in ("B×3×H×W", "[0, 1]", "enqueued", "empty batch", "float32 under autocast"):
         assert phrase in forward, phrase
+
+
+@pytest.mark.parametrize("row", ROWS)
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_evaluation_under_no_grad_and_inference_mode(row, context):
+    """Under no_grad / inference_mode the value is the grad-mode value (float32 tolerance; the
+    fused ops skip the gradient work), with explicit memory rows and with a queue; a queue
+    enqueued under inference_mode keeps working with autograd afterwards."""
+    from backend_cases import assert_f32_close
+
+    g = torch.Generator().manual_seed(0)
+    x, y, xm, ym = (torch.randn(n, 8, generator=g).to(row.device) for n in (10, 10, 6, 6))
+    want = d2sm_ext.d2sm_divergence(x, y, backend=row.backend, x_memory=xm, y_memory=ym)
+    with context():
+        got = d2sm_ext.d2sm_divergence(x, y, backend=row.backend, x_memory=xm, y_memory=ym)
+    assert_f32_close(got, want.detach().double().cpu(), "value")
+    queue = d2sm_ext.FeatureQueue(8, 8, device=row.device, statistics=True, backend=row.backend)
+    with context():
+        queue.enqueue(xm, ym)
+        got = d2sm_ext.d2sm_divergence(x, y, backend=row.backend, queue=queue)
+    xg = x.clone().requires_grad_(True)
+    want = d2sm_ext.d2sm_divergence(xg, y, backend=row.backend, queue=queue)
+    assert_f32_close(got, want.detach().double().cpu(), "value with a queue")
+    (gx,) = torch.autograd.grad(want, xg)
+    assert torch.isfinite(gx).all() and gx.abs().sum() > 0
+    queue.enqueue(x, y)
+    assert len(queue) == 8
+
+
+def test_d2sm_loss_enqueues_by_module_mode_not_by_grad_mode():
+    """no_grad / inference_mode do not change what D2SMLoss does: in training mode it enqueues
+    (a validation loop must call .eval()); in eval mode it never does."""
+    for context in (torch.no_grad, torch.inference_mode):
+        crit = D2SMLoss(extractor=tiny_extractor(), sampling="batch", queue_size=8)
+        with context():
+            crit(torch.rand(3, 3, 12, 12), torch.rand(3, 3, 12, 12))
+        assert len(crit.queue) == 3
+        crit.eval()
+        with context():
+            crit(torch.rand(3, 3, 12, 12), torch.rand(3, 3, 12, 12))
+        assert len(crit.queue) == 3
+        crit.train()
+        restored = torch.rand(3, 3, 12, 12, requires_grad=True)
+        loss = crit(restored, torch.rand(3, 3, 12, 12))
+        (g,) = torch.autograd.grad(loss, restored)
+        assert loss > 0 and g.abs().sum() > 0 and len(crit.queue) == 6

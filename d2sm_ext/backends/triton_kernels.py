@@ -30,19 +30,35 @@ DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "symmetric_kl": 2, "js": 3}
 @triton.jit
 def row_inv_norm_kernel(x_ptr, s_b, s_m, s_d, M, D, out_ptr, out_stride_b, out_offset,
                         BM: tl.constexpr, BD: tl.constexpr):
-    """out[b, out_offset + i] = 1/‖x[b, i]‖ (0 for a zero row), sum of squares in fp32."""
+    """out[b, out_offset + i] = 1/‖x[b, i]‖ (0 for a zero row, NaN for a non-finite one) in fp32,
+    overflow-safe: a first sweep finds each row's largest |entry|, a second sums the squares of
+    the row times 2^-e (e its exponent: exact, entries then in [-2, 2]) and the result is scaled
+    back, so rows whose squared norm overflows (entries ≳ 2e19) or underflows get their true
+    value, and every other row the unscaled one (reference.inverse_norms is the same rule)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     rows = pid.to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < M
     base = x_ptr + b * s_b + rows[:, None] * s_m
-    acc = tl.zeros((BM,), dtype=tl.float32)
+    peak = tl.zeros((BM,), dtype=tl.float32)
     for k in range(0, D, BD):
         cols = k + tl.arange(0, BD)
         v = tl.load(base + cols[None, :].to(tl.int64) * s_d, mask=row_ok[:, None] & (cols[None, :] < D),
                     other=0.0).to(tl.float32)
+        peak = tl.maximum(peak, tl.max(tl.abs(v), axis=1))
+    # 2^-e from the exponent bits of the peak (exact; no division): 1 for a zero or subnormal
+    # peak, 0 for inf/NaN (the row's squares are then NaN, as they should be).
+    e = (peak.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    inv_scale = ((254 - tl.minimum(e, 253)) << 23).to(tl.float32, bitcast=True)
+    inv_scale = tl.where(e == 0, 1.0, tl.where(e == 255, 0.0, inv_scale))
+    acc = tl.zeros((BM,), dtype=tl.float32)
+    for k in range(0, D, BD):
+        cols = k + tl.arange(0, BD)
+        v = tl.load(base + cols[None, :].to(tl.int64) * s_d, mask=row_ok[:, None] & (cols[None, :] < D),
+                    other=0.0).to(tl.float32) * inv_scale[:, None]
         acc += tl.sum(v * v, axis=1)
-    inv = tl.where(acc > 0, 1.0 / tl.sqrt(tl.where(acc > 0, acc, 1.0)), 0.0)
+    inv = tl.where(acc == 0, 0.0, 1.0 / tl.sqrt(tl.where(acc == 0, 1.0, acc))) * inv_scale
+    inv = tl.where(e == 255, float("nan"), inv)
     tl.store(out_ptr + b * out_stride_b + out_offset + rows, inv, mask=row_ok)
 
 
