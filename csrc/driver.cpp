@@ -258,29 +258,42 @@ static void gram_panel(const Problem& p, bool is_y, int64_t b0, int64_t bc, cons
 
 // Powers of two (bc, nr) that bring each row's largest |W'| into [2^13, 2^14) (1 for a zero or
 // non-finite row): far below fp16's maximum, and exact to multiply and divide by in fp32.
-// The Triton backend's pow2_row_scale is the same rule.
+// The Triton backend's pow2_row_scale is the same rule. The row peaks are one reduction (the
+// inf-norm: max |w|, NaN-propagating like abs().amax, without an |W'| panel as a temporary).
 static Tensor pow2_row_scale(const Tensor& w_panel) {
-  const Tensor peak = w_panel.abs().amax({2});
+  const Tensor peak = at::linalg_vector_norm(w_panel, std::numeric_limits<double>::infinity(), {2});
   const Tensor exponent = std::get<1>(at::frexp(peak));  // peak = m·2^e, m in [0.5, 1)
   const Tensor shift = (14 - exponent).clamp(-126, 126);
   const Tensor scale = at::ldexp(at::ones_like(peak), shift);
   return at::where((peak > 0).logical_and(at::isfinite(peak)), scale, at::ones_like(scale));
 }
 
+std::tuple<Tensor, Tensor> fp16_operand(const Tensor& w_panel) {
+  const Tensor scale = pow2_row_scale(w_panel);
+  w_panel.mul_(scale.unsqueeze(2));  // in place: W' is consumed by the product
+  return {w_panel.to(at::kHalf), scale};
+}
+
 // g_rows = W'·X over both segments. For half inputs (CUDA) W' is rounded to the operand dtype;
-// for fp16 each row is first scaled by a power of two (pow2_row_scale) and the product unscaled
-// exactly, so the small gradient weights (~1/(B·M²) for "mean") never flush to zero.
+// for fp16 each row is first scaled by a power of two (fp16_operand, in place: the panel holds
+// W'·scale afterwards) and the product unscaled exactly, so the small gradient weights
+// (~1/(B·M²) for "mean") never flush to zero. Temporaries: the half operand (one cast, the GEMM's
+// input) and O(rows) scales.
 static void grad_panel(const Problem& p, bool is_y, int64_t b0, int64_t bc, const Tensor& w_panel, Tensor g_rows) {
-  const bool scaled = p.mm_dtype == at::kHalf;
-  const Tensor scale = scaled ? pow2_row_scale(w_panel).unsqueeze(2) : Tensor();
-  const Tensor w = (scaled ? w_panel * scale : w_panel).to(p.mm_dtype);
+  Tensor w = w_panel, scale;
+  if (p.mm_dtype == at::kHalf) {
+    std::tie(w, scale) = fp16_operand(w_panel);
+    scale = scale.unsqueeze(2);
+  } else if (p.mm_dtype != p.dtype) {
+    w = w_panel.to(p.mm_dtype);
+  }
   mm_into(g_rows, w.narrow(2, 0, p.N), mm_segment(p, is_y, false).narrow(0, b0, bc), p);
   if (p.Q) {
     Tensor tail = at::empty_like(g_rows);
     mm_into(tail, w.narrow(2, p.N, p.Q), mm_segment(p, is_y, true).narrow(0, b0, bc), p);
     g_rows.add_(tail);
   }
-  if (scaled) g_rows.div_(scale);
+  if (scale.defined()) g_rows.div_(scale);
 }
 
 // Panel rows: the two (rows × M) panels stay within a budget (64 MiB on CPU, where they should

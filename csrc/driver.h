@@ -106,6 +106,12 @@ struct GemmLayout {
 std::optional<GemmLayout> gemm_layout(const Tensor& out, const Tensor& a, const Tensor& b);
 void gemm_by_layout(const Tensor& out, const Tensor& a, const Tensor& b);  // the CPU test's executor
 
+// The fp16 operand of the gradient product (docs/DESIGN.md §4): per-row powers of two (bc, nr)
+// that bring each row's peak |W'| into [2^13, 2^14), applied to the fp32 panel (bc, nr, M) in
+// place, then one cast to fp16. Returns (W'·scale in fp16, scale). Device-agnostic ATen; exposed
+// to a CPU test as d2sm_ext::_fp16_operand.
+std::tuple<Tensor, Tensor> fp16_operand(const Tensor& w_panel);
+
 struct DeviceKernels {
   PanelEpilogueFn panel_epilogue = nullptr;
   FinishRowsFn finish_rows = nullptr;

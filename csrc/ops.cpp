@@ -40,4 +40,6 @@ TORCH_LIBRARY(d2sm_ext, m) {
   // Test support, CPU float32 only: out = a·b (batched) computed from the column-major cuBLAS
   // arguments the CUDA GEMM derives for these strides (driver.h gemm_layout), with plain loops.
   m.def("_gemm_by_layout(Tensor(a!) out, Tensor a, Tensor b) -> ()", &d2sm_ext::gemm_by_layout);
+  // Test support: the C++ gradient product's fp16 operand (W' scaled in place, then cast).
+  m.def("_fp16_operand(Tensor(a!) w) -> (Tensor, Tensor)", &d2sm_ext::fp16_operand);
 }

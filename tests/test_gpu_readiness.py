@@ -155,3 +155,56 @@ def test_cpu_path_ignores_the_tf32_flag(cpu_pass, monkeypatch, restore_precision
     for i, (a, b) in enumerate(zip(*outs)):
         assert torch.equal(a, b), i
 
+
+# --- item 3: fp16 row scaling without panel-sized temporaries -----------------------------------
+
+def _pow2_row_scale_before(w):
+    """The rule as it was (abs().amax: an |w| panel as a temporary): the bit-for-bit baseline."""
+    peak = w.abs().amax(dim=-1)
+    _, exponent = torch.frexp(peak)
+    shift = torch.clamp(14 - exponent, min=-126, max=126)
+    scale = torch.ldexp(torch.ones_like(peak), shift)
+    return torch.where((peak > 0) & torch.isfinite(peak), scale, torch.ones_like(scale))
+
+
+def _weight_panel():
+    """(3, 8, 40) fp32 panels: rows of magnitudes from 1e-38 to 1e30 (the "mean" weights are
+    ~1/(B·M²)), subnormal, zero, NaN and ±inf rows, a row whose peak is an exact power of two."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(3, 8, 40, generator=g)
+    w = w * torch.pow(10.0, torch.randint(-38, 31, (3, 8, 1), generator=g).float())
+    w[0, 0] = 0.0
+    w[0, 1, 3] = float("nan")
+    w[0, 2, 7] = float("inf")
+    w[0, 3, 9] = -float("inf")
+    w[1, 0] = torch.randn(40, generator=g) * 1e-41  # subnormal
+    w[1, 1] = torch.randn(40, generator=g).clamp(-0.5, 0.5)
+    w[1, 1, 4] = -1.0  # peak exactly 2^0
+    w[2, 0] = torch.randn(40, generator=g) * 3e38
+    return w
+
+
+def _bits(t):
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def test_triton_pow2_row_scale_is_bit_identical():
+    from d2sm_ext.backends import triton_backend
+
+    w = _weight_panel()
+    assert torch.equal(triton_backend.pow2_row_scale(w), _pow2_row_scale_before(w))
+
+
+@needs_extension
+def test_cpp_fp16_operand_is_bit_identical_and_in_place():
+    """The C++ gradient product's fp16 operand (csrc/driver.cpp fp16_operand: one inf-norm
+    reduction for the row peaks, W' scaled in place, one cast) is bit for bit the former
+    (w·scale).to(float16) with the former scales, and leaves W'·scale in the panel."""
+    w = _weight_panel()
+    panel = w.clone()
+    w16, scale = torch.ops.d2sm_ext._fp16_operand(panel)
+    want_scale = _pow2_row_scale_before(w)
+    assert torch.equal(scale, want_scale)
+    want16 = (w * want_scale.unsqueeze(2)).to(torch.float16)
+    assert w16.dtype == torch.float16 and torch.equal(_bits(w16), _bits(want16))
+    assert torch.equal(_bits(panel), _bits(w * want_scale.unsqueeze(2)))
