@@ -27,7 +27,7 @@ import sys
 from setuptools import setup
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
-from cuda_toolkit import build_flag, cuda_build_blocker, find_cuda_home, library_dir  # noqa: E402
+from cuda_toolkit import build_flag, cublas_paths, cuda_build_blocker, find_cuda_home, library_dir  # noqa: E402
 
 DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100, H100/H200: every-arch builds take far too long here
 # csrc/ by concern and device: schemas, the device-generic driver, the CPU kernels (csrc/cuda/
@@ -68,11 +68,15 @@ if build_flag("D2SM_BUILD_EXTENSION", "D2SM_SKIP_EXTENSION"):
     if cuda_home is not None:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        # cuBLAS: csrc/cuda/kernels.cu calls it directly (fp32 GEMMs with an explicit TF32 choice)
+        cublas_includes, cublas_link = cublas_paths(cuda_home)
         ext_modules.append(CUDAExtension(
             "d2sm_ext._C", CPU_SOURCES + ["csrc/cuda/kernels.cu"],
             extra_compile_args={"cxx": cxx, "nvcc": opt + ["-lineinfo"]},
+            include_dirs=cublas_includes,
             library_dirs=[library_dir(cuda_home)],  # torch adds lib64/ only; some toolkits use lib/
-            **common))
+            extra_link_args=common["extra_link_args"] + cublas_link,
+            **{k: v for k, v in common.items() if k != "extra_link_args"}))
     else:
         ext_modules.append(CppExtension(
             "d2sm_ext._C", CPU_SOURCES, extra_compile_args={"cxx": cxx}, **common))

@@ -111,6 +111,99 @@ static Tensor mm_segment(const Problem& p, bool is_y, bool memory) {
   return is_y ? p.y_mm : p.x_mm;
 }
 
+// cuBLAS form of one operand: the matrix P (rows × cols) whose (i, j) element is at i·s_row + j·s_col,
+// column-major as it is (ld = s_col >= rows) or transposed (ld = s_row >= cols).
+static bool col_major(int64_t rows, int64_t cols, int64_t s_row, int64_t s_col, bool& trans, int64_t& ld) {
+  const int64_t min_n = std::max<int64_t>(rows, 1), min_t = std::max<int64_t>(cols, 1);
+  if (s_row == 1 || rows <= 1) {
+    ld = cols <= 1 ? min_n : s_col;
+    if (ld >= min_n) return trans = false, true;
+  }
+  if (s_col == 1 || cols <= 1) {
+    ld = rows <= 1 ? min_t : s_row;
+    if (ld >= min_t) return trans = true, true;
+  }
+  return false;
+}
+
+std::optional<GemmLayout> gemm_layout(const Tensor& out, const Tensor& a, const Tensor& b) {
+  TORCH_CHECK(out.dim() == 3 && a.dim() == 3 && b.dim() == 3 && a.size(0) == out.size(0) &&
+                  b.size(0) == out.size(0) && a.size(1) == out.size(1) && b.size(2) == out.size(2) &&
+                  a.size(2) == b.size(1),
+              "gemm: out (batch, m, n) = a (batch, m, k) · b (batch, k, n), got ", out.sizes(), ", ", a.sizes(), ", ",
+              b.sizes());
+  GemmLayout l;
+  l.batch = out.size(0);
+  l.m = out.size(2);  // outᵀ (n × m) = bᵀ (n × k) · aᵀ (k × m), in the row-major names
+  l.n = out.size(1);
+  l.k = a.size(2);
+  bool c_trans = false;
+  if (!col_major(l.m, l.n, out.stride(2), out.stride(1), c_trans, l.ldc) || c_trans) return std::nullopt;
+  if (!col_major(l.m, l.k, b.stride(2), b.stride(1), l.trans_first, l.ld_first)) return std::nullopt;
+  if (!col_major(l.k, l.n, a.stride(2), a.stride(1), l.trans_second, l.ld_second)) return std::nullopt;
+  const bool one = l.batch <= 1;
+  l.stride_first = one ? 0 : b.stride(0);
+  l.stride_second = one ? 0 : a.stride(0);
+  l.stride_c = one ? 0 : out.stride(0);
+  return l;
+}
+
+// gemm_layout's arguments executed with plain loops (the column-major semantics cuBLAS gives
+// them), on CPU float tensors: lets a CPU test check the layout the CUDA GEMM passes to cuBLAS.
+void gemm_by_layout(const Tensor& out, const Tensor& a, const Tensor& b) {
+  TORCH_CHECK(!out.is_cuda() && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+                  b.scalar_type() == at::kFloat,
+              "_gemm_by_layout: CPU float32 tensors only");
+  const std::optional<GemmLayout> l = gemm_layout(out, a, b);
+  TORCH_CHECK(l.has_value(), "_gemm_by_layout: no cuBLAS layout for these strides");
+  const float *first = b.data_ptr<float>(), *second = a.data_ptr<float>();
+  float* c = out.data_ptr<float>();
+  for (int64_t t = 0; t < l->batch; ++t) {
+    const float *A = first + t * l->stride_first, *B = second + t * l->stride_second;
+    float* C = c + t * l->stride_c;
+    for (int64_t i = 0; i < l->m; ++i) {
+      for (int64_t j = 0; j < l->n; ++j) {
+        double acc = 0;
+        for (int64_t q = 0; q < l->k; ++q) {
+          const float av = l->trans_first ? A[q + i * l->ld_first] : A[i + q * l->ld_first];
+          const float bv = l->trans_second ? B[j + q * l->ld_second] : B[q + j * l->ld_second];
+          acc += double(av) * double(bv);
+        }
+        C[i + j * l->ldc] = float(acc);
+      }
+    }
+  }
+}
+
+// out = a·b (batched) into fp32/fp64 `out` (a strided view is fine: BLAS and cuBLAS write it with
+// ldc = M). Half operands (CUDA only) produce fp32 directly. fp32 operands on a device with an
+// fp32_gemm (CUDA) use it with an explicit TF32 choice; the rest is ATen, IEEE under the ops'
+// NoTF32Guard (docs/DESIGN.md §4).
+static void product_into(Tensor out, const Tensor& a, const Tensor& b, bool tf32) {
+  if (a.scalar_type() != out.scalar_type()) {
+    at::bmm_out(out, a, b, out.scalar_type());
+    return;
+  }
+  if (out.scalar_type() == at::kFloat) {
+    if (const Fp32GemmFn gemm = device_kernels(out.device().type()).fp32_gemm) {
+      gemm(out, a, b, tf32);
+      return;
+    }
+  }
+  at::bmm_out(out, a, b);
+}
+
+// a·b in IEEE precision (the O(M·d) products: s, t, the normalisers' dots; the cross sums).
+static Tensor ieee_product(const Tensor& a, const Tensor& b) {
+  if (a.scalar_type() != at::kFloat || !device_kernels(a.device().type()).fp32_gemm) return at::bmm(a, b);
+  Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
+  product_into(out, a, b, false);
+  return out;
+}
+
+// The Gram and gradient GEMMs: TF32 as the op's flag says.
+static void mm_into(Tensor out, const Tensor& a, const Tensor& b, const Problem& p) { product_into(out, a, b, p.tf32); }
+
 // 1/‖row‖ (0 for a zero row, NaN for a non-finite one) without overflow: each row is divided by
 // the power of two of its largest |entry| (exact) before squaring, and the result by it after,
 // so rows whose squared norm overflows (float32 entries ≳ 2e19) or underflows get their true
@@ -136,15 +229,15 @@ static Tensor inv_norms(const Problem& p, bool is_y) {
 
 // Σ_j weights[b, j] · row_j over both segments: (B, d).
 static Tensor weighted_rows(const Problem& p, bool is_y, const Tensor& weights) {
-  Tensor out = at::bmm(weights.narrow(1, 0, p.N).unsqueeze(1), segment(p, is_y, false)).squeeze(1);
-  if (p.Q) out = out + at::bmm(weights.narrow(1, p.N, p.Q).unsqueeze(1), segment(p, is_y, true)).squeeze(1);
+  Tensor out = ieee_product(weights.narrow(1, 0, p.N).unsqueeze(1), segment(p, is_y, false)).squeeze(1);
+  if (p.Q) out = out + ieee_product(weights.narrow(1, p.N, p.Q).unsqueeze(1), segment(p, is_y, true)).squeeze(1);
   return out;
 }
 
 // Closed-form A_i (docs/DESIGN.md §3.1); eps is added last so that it is not rounded away.
 static Tensor normalisers(const Problem& p, bool is_y, const Tensor& r, const Tensor& s, bool exclude_self, double eps) {
-  Tensor dots = at::bmm(segment(p, is_y, false), s.unsqueeze(2)).squeeze(2);
-  if (p.Q) dots = at::cat({dots, at::bmm(segment(p, is_y, true), s.unsqueeze(2)).squeeze(2)}, 1);
+  Tensor dots = ieee_product(segment(p, is_y, false), s.unsqueeze(2)).squeeze(2);
+  if (p.Q) dots = at::cat({dots, ieee_product(segment(p, is_y, true), s.unsqueeze(2)).squeeze(2)}, 1);
   const double n_neigh = exclude_self ? double(p.M - 1) : double(p.M);
   Tensor half_sum = 0.5 * n_neigh + 0.5 * dots * r;
   if (exclude_self) half_sum = half_sum - 0.5 * (r > 0).to(half_sum.scalar_type());
@@ -160,13 +253,6 @@ static RowStats row_statistics(const Problem& p, bool exclude_self, double eps) 
   st.a = normalisers(p, false, st.rx, st.s_x, exclude_self, eps);
   st.b = normalisers(p, true, st.ry, st.s_y, exclude_self, eps);
   return st;
-}
-
-// C = A·Bᵀ-style products of GEMM operands into fp32/fp64 `out` (a strided view is fine: BLAS
-// and cuBLAS write it with ldc = M). Half operands (CUDA only) produce fp32 directly.
-static void mm_into(Tensor out, const Tensor& a, const Tensor& b, const Problem& p) {
-  if (p.mm_dtype != p.dtype) at::bmm_out(out, a, b, p.dtype);
-  else at::bmm_out(out, a, b);
 }
 
 // Raw Gram panel (bc, nr, M) of `rows` (bc, nr, d) against both segments of problems b0…b0+bc.
@@ -185,29 +271,42 @@ static void gram_panel(const Problem& p, bool is_y, int64_t b0, int64_t bc, cons
 
 // Powers of two (bc, nr) that bring each row's largest |W'| into [2^13, 2^14) (1 for a zero or
 // non-finite row): far below fp16's maximum, and exact to multiply and divide by in fp32.
-// The Triton backend's pow2_row_scale is the same rule.
+// The Triton backend's pow2_row_scale is the same rule. The row peaks are one reduction (the
+// inf-norm: max |w|, NaN-propagating like abs().amax, without an |W'| panel as a temporary).
 static Tensor pow2_row_scale(const Tensor& w_panel) {
-  const Tensor peak = w_panel.abs().amax({2});
+  const Tensor peak = at::linalg_vector_norm(w_panel, std::numeric_limits<double>::infinity(), {2});
   const Tensor exponent = std::get<1>(at::frexp(peak));  // peak = m·2^e, m in [0.5, 1)
   const Tensor shift = (14 - exponent).clamp(-126, 126);
   const Tensor scale = at::ldexp(at::ones_like(peak), shift);
   return at::where((peak > 0).logical_and(at::isfinite(peak)), scale, at::ones_like(scale));
 }
 
+std::tuple<Tensor, Tensor> fp16_operand(const Tensor& w_panel) {
+  const Tensor scale = pow2_row_scale(w_panel);
+  w_panel.mul_(scale.unsqueeze(2));  // in place: W' is consumed by the product
+  return {w_panel.to(at::kHalf), scale};
+}
+
 // g_rows = W'·X over both segments. For half inputs (CUDA) W' is rounded to the operand dtype;
-// for fp16 each row is first scaled by a power of two (pow2_row_scale) and the product unscaled
-// exactly, so the small gradient weights (~1/(B·M²) for "mean") never flush to zero.
+// for fp16 each row is first scaled by a power of two (fp16_operand, in place: the panel holds
+// W'·scale afterwards) and the product unscaled exactly, so the small gradient weights
+// (~1/(B·M²) for "mean") never flush to zero. Temporaries: the half operand (one cast, the GEMM's
+// input) and O(rows) scales.
 static void grad_panel(const Problem& p, bool is_y, int64_t b0, int64_t bc, const Tensor& w_panel, Tensor g_rows) {
-  const bool scaled = p.mm_dtype == at::kHalf;
-  const Tensor scale = scaled ? pow2_row_scale(w_panel).unsqueeze(2) : Tensor();
-  const Tensor w = (scaled ? w_panel * scale : w_panel).to(p.mm_dtype);
+  Tensor w = w_panel, scale;
+  if (p.mm_dtype == at::kHalf) {
+    std::tie(w, scale) = fp16_operand(w_panel);
+    scale = scale.unsqueeze(2);
+  } else if (p.mm_dtype != p.dtype) {
+    w = w_panel.to(p.mm_dtype);
+  }
   mm_into(g_rows, w.narrow(2, 0, p.N), mm_segment(p, is_y, false).narrow(0, b0, bc), p);
   if (p.Q) {
     Tensor tail = at::empty_like(g_rows);
     mm_into(tail, w.narrow(2, p.N, p.Q), mm_segment(p, is_y, true).narrow(0, b0, bc), p);
     g_rows.add_(tail);
   }
-  if (scaled) g_rows.div_(scale);
+  if (scale.defined()) g_rows.div_(scale);
 }
 
 // Panel rows: the two (rows × M) panels stay within a budget (64 MiB on CPU, where they should
@@ -302,35 +401,11 @@ static std::tuple<Tensor, Tensor> gradients(const Problem& p, const RowStats& st
   return {gx, gy};
 }
 
-// cuBLAS TF32 for fp32 GEMMs follows the op's `tf32` flag (the Python side resolves precision
-// "auto" to the global matmul setting, so the flag usually equals it and nothing is changed);
-// restored on exit. Process-global, like the setting itself: a concurrent fp32 matmul on another
-// thread may see the flag while an op that overrides it runs. When the user set TF32 only through
-// torch.backends.cuda.matmul.fp32_precision (torch >= 2.9), the legacy query below raises and
-// cannot be restored faithfully: cuBLAS then keeps the user's setting (what "auto" resolves to).
-class CublasTf32Scope {
- public:
-  CublasTf32Scope(bool cuda, bool tf32) {
-    if (!cuda) return;
-    auto& ctx = at::globalContext();
-    try {
-      previous_ = ctx.allowTF32CuBLAS();
-    } catch (const c10::Error&) {
-      return;
-    }
-    changed_ = previous_ != tf32;
-    if (changed_) ctx.setAllowTF32CuBLAS(tf32);
-  }
-  ~CublasTf32Scope() {
-    if (changed_) at::globalContext().setAllowTF32CuBLAS(previous_);
-  }
-  CublasTf32Scope(const CublasTf32Scope&) = delete;
-  CublasTf32Scope& operator=(const CublasTf32Scope&) = delete;
-
- private:
-  bool previous_ = false, changed_ = false;
-};
-
+// TF32 (docs/DESIGN.md §4): the op's `tf32` flag (Python resolves precision "auto" from PyTorch's
+// setting) reaches only the fp32 Gram and gradient GEMMs (Problem::tf32, mm_into), which on CUDA
+// pass it to cuBLAS as the compute type of that call; nothing global is read or written. Every
+// other ATen matmul inside an op runs under at::NoTF32Guard: thread-local, so IEEE there without
+// touching what other threads see.
 // Problems (B,) with a non-finite value in any of their rows (live or memory, x or y). Their
 // values and gradients are NaN (docs/DESIGN.md §2.6: a loss never hides a NaN); the kernels' selects
 // (0·log 0 = 0, zero rows) would otherwise turn some NaNs into plausible numbers. Read off the
@@ -355,8 +430,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward(
   const int div = divergence_code(divergence);
   TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", "bad reduction ", reduction);
   const c10::OptionalDeviceGuard device_guard(x.device());
-  const CublasTf32Scope tf32_scope(x.is_cuda(), tf32);
+  const at::NoTF32Guard ieee;
   Problem p = prepare(x, y, x_memory, y_memory);
+  p.tf32 = tf32;
   RowStats st = row_statistics(p, exclude_self, eps);
   const bool fused = reduction != "none" && (need_gx || need_gy);
   const double scale = reduction == "mean" ? 1.0 / double(p.B * p.M) : 1.0;
@@ -404,8 +480,9 @@ std::tuple<Tensor, Tensor> fused_backward(const Tensor& x, const Tensor& y, cons
                                           double eps, bool tf32, bool need_gx, bool need_gy) {
   const int div = divergence_code(divergence);
   const c10::OptionalDeviceGuard device_guard(x.device());
-  const CublasTf32Scope tf32_scope(x.is_cuda(), tf32);
+  const at::NoTF32Guard ieee;
   Problem p = prepare(x, y, x_memory, y_memory);
+  p.tf32 = tf32;
   return backward_pass(x, y, p, saved, grad_rows, div, exclude_self, eps, need_gx, need_gy);
 }
 
@@ -426,7 +503,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_sums(const Tensor& xr, const Te
                   xr.size(1) == xc.size(1),
               "cross_sums: rows (R, d) and columns (C, d) with the same d");
   const c10::OptionalDeviceGuard device_guard(xr.device());
-  const CublasTf32Scope tf32_scope(xr.is_cuda(), false);
+  const at::NoTF32Guard ieee;
   const at::ScalarType dtype = xr.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t R = xr.size(0), C = xc.size(0);
   TORCH_CHECK(row_split >= 0 && row_split <= R, "cross_sums: row_split must be in [0, R], got ", row_split);
@@ -447,9 +524,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_sums(const Tensor& xr, const Te
   Tensor gx, gy;
   for (int64_t c0 = 0; c0 < C; c0 += chunk) {
     const int64_t nc = std::min(chunk, C - c0);
-    // at::mm, not mm_out into a reused buffer: measured ~25% faster on CPU (MKL, 64×1280×16320)
-    gx = at::mm(xr_, xc_.narrow(0, c0, nc).t());
-    gy = at::mm(yr_, yc_.narrow(0, c0, nc).t());
+    // fresh products, not a reused buffer: measured ~25% faster on CPU (MKL, 64×1280×16320);
+    // IEEE (ieee_product: explicit on CUDA)
+    gx = ieee_product(xr_.unsqueeze(0), xc_.narrow(0, c0, nc).t().unsqueeze(0)).squeeze(0);
+    gy = ieee_product(yr_.unsqueeze(0), yc_.narrow(0, c0, nc).t().unsqueeze(0)).squeeze(0);
     for (int group = 0; group < 2; ++group) {
       const int64_t r0 = group == 0 ? 0 : row_split, nr = group == 0 ? row_split : R - row_split;
       if (nr == 0) continue;
@@ -474,8 +552,9 @@ std::tuple<Tensor, Tensor> queue_backward(const Tensor& x, const Tensor& y, cons
   const int div = divergence_code(divergence);
   TORCH_CHECK(x.dim() == 2, "queue_backward: x must be (N, d), got ", x.sizes());
   const c10::OptionalDeviceGuard device_guard(x.device());
-  const CublasTf32Scope tf32_scope(x.is_cuda(), tf32);
+  const at::NoTF32Guard ieee;
   Problem p = prepare(x, y, x_memory, y_memory);
+  p.tf32 = tf32;
   TORCH_CHECK(saved.dim() == 3 && saved.size(0) == 6 && saved.size(1) == 1 && saved.size(2) == p.M,
               "saved statistics must be (6, 1, M)");
   if (gram_x.numel() > 0 || gram_y.numel() > 0) {

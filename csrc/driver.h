@@ -30,6 +30,7 @@ struct Problem {
   // dtype, computed by the caller (the queue statistics' cross block): the panels copy them
   // instead of multiplying again (queue_backward).
   Tensor gram_x_memory, gram_y_memory;
+  bool tf32 = false;  // TF32 for the fp32 Gram and gradient GEMMs (CUDA), the op's flag
 };
 
 // Per-row statistics before the pairwise pass (docs/DESIGN.md §3.1): inverse norms r, the
@@ -84,12 +85,40 @@ struct CrossArgs {
 using CrossEpilogueFn = void (*)(const Tensor& gx, const Tensor& gy, int64_t r0, int64_t c0, const CrossArgs& args,
                                  Tensor& row_sums, Tensor& col_sums);
 
+// A batched GEMM out[b] = a[b]·b[b] of fp32 operands into fp32 `out` (views with any strides
+// that gemm_layout accepts) with an explicit TF32 choice, on the current stream. CUDA: cuBLAS
+// with compute type CUBLAS_COMPUTE_32F or CUBLAS_COMPUTE_32F_FAST_TF32, so that neither the
+// process-global TF32 setting nor another thread's is read or written (docs/DESIGN.md §4).
+using Fp32GemmFn = void (*)(const Tensor& out, const Tensor& a, const Tensor& b, bool tf32);
+
+// Column-major (cuBLAS) arguments of the row-major batched product out (batch, m, n) =
+// a (batch, m, k) · b (batch, k, n), computed as outᵀ = bᵀ·aᵀ: cuBLAS's first operand is b, its
+// second a. Strides in elements; a size-1 dimension's stride is free. Empty when a stride pattern
+// has no such form (neither dimension of a matrix has stride 1, or out's columns are not unit
+// stride): the caller copies that operand. Shared by the CUDA GEMM and a CPU test
+// (d2sm_ext::_gemm_by_layout) that executes the same arguments with plain loops.
+struct GemmLayout {
+  bool trans_first, trans_second;  // cuBLAS transa (for b), transb (for a)
+  int64_t m, n, k;                 // cuBLAS's: out's columns, out's rows, the inner size
+  int64_t ld_first, ld_second, ldc;
+  int64_t stride_first, stride_second, stride_c, batch;
+};
+std::optional<GemmLayout> gemm_layout(const Tensor& out, const Tensor& a, const Tensor& b);
+void gemm_by_layout(const Tensor& out, const Tensor& a, const Tensor& b);  // the CPU test's executor
+
+// The fp16 operand of the gradient product (docs/DESIGN.md §4): per-row powers of two (bc, nr)
+// that bring each row's peak |W'| into [2^13, 2^14), applied to the fp32 panel (bc, nr, M) in
+// place, then one cast to fp16. Returns (W'·scale in fp16, scale). Device-agnostic ATen; exposed
+// to a CPU test as d2sm_ext::_fp16_operand.
+std::tuple<Tensor, Tensor> fp16_operand(const Tensor& w_panel);
+
 struct DeviceKernels {
   PanelEpilogueFn panel_epilogue = nullptr;
   FinishRowsFn finish_rows = nullptr;
   PairPassFn own_pass = nullptr;                // optional
   bool (*use_own_pass)(const Problem&, bool want_stats) = nullptr;  // optional, with own_pass
   CrossEpilogueFn cross_epilogue = nullptr;     // the queue statistics' cross sums
+  Fp32GemmFn fp32_gemm = nullptr;               // optional: fp32 GEMMs with an explicit TF32 choice
 };
 
 // Each device's sources register their table once, at library load (a static initialiser).

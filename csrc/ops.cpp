@@ -8,6 +8,8 @@
 
 #include <torch/library.h>
 
+#include "driver.h"
+
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
@@ -35,4 +37,9 @@ TORCH_LIBRARY(d2sm_ext, m) {
   m.def("queue_backward(Tensor x, Tensor y, Tensor x_memory, Tensor y_memory, Tensor saved, Tensor grad_rows, "
         "str divergence, bool exclude_self, float eps, bool tf32, bool need_gx, bool need_gy, Tensor gram_x, "
         "Tensor gram_y) -> (Tensor, Tensor)");
+  // Test support, CPU float32 only: out = a·b (batched) computed from the column-major cuBLAS
+  // arguments the CUDA GEMM derives for these strides (driver.h gemm_layout), with plain loops.
+  m.def("_gemm_by_layout(Tensor(a!) out, Tensor a, Tensor b) -> ()", &d2sm_ext::gemm_by_layout);
+  // Test support: the C++ gradient product's fp16 operand (W' scaled in place, then cast).
+  m.def("_fp16_operand(Tensor(a!) w) -> (Tensor, Tensor)", &d2sm_ext::fp16_operand);
 }

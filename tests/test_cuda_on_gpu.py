@@ -43,6 +43,31 @@ def test_tf32_precision_and_the_global_flag_is_restored():
         assert max_err(mine, truth) <= LOW_PRECISION_FACTOR * max_err(base, truth) + floor, name
 
 
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_precision_is_independent_of_the_global_setting(precision):
+    """precision="ieee"/"tf32" give the same bits whatever PyTorch's own setting, including the
+    per-backend one set alone (where the old global switch could not read the legacy flag and
+    "ieee" silently ran TF32): the Gram and gradient GEMMs take the op's flag as cuBLAS's compute
+    type, per call, and the setting is left as it was."""
+    x, y, mem = make_inputs((2, 150, 96), 40, "cuda")
+    matmul = torch.backends.cuda.matmul
+    old = matmul.fp32_precision
+    runs = []
+    try:
+        for setting in ("ieee", "tf32"):
+            matmul.fp32_precision = setting
+            runs.append(run_backend("cuda", x, y, mem, "js", True, "mean", precision=precision))
+            assert matmul.fp32_precision == setting
+    finally:
+        matmul.fp32_precision = old
+    for name, a, b in zip(("value", "grad x", "grad y"), *runs):
+        assert torch.equal(a, b), name
+    if precision == "ieee":
+        want, wgx, wgy = reference64(x, y, mem, "js", True, "mean")
+        for name, got, truth in zip(("value", "grad x", "grad y"), runs[0], (want, wgx, wgy)):
+            assert_f32_close(got, truth, name)
+
+
 def test_several_panels():
     """More live rows than one panel holds under the default budget (256 MiB of fp32 panels:
     5461 rows at M = 6144)."""

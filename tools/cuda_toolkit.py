@@ -89,3 +89,34 @@ def cuda_build_blocker(torch_cuda: Optional[str]) -> Optional[str]:
     if version.split(".")[0] != torch_cuda.split(".")[0]:
         return f"CUDA toolkit {version} at {cuda_home} does not match torch's CUDA {torch_cuda} (major version)"
     return None
+
+
+def cublas_paths(cuda_home: str, search_path: Optional[list] = None) -> tuple[list, list]:
+    """(include folders, link arguments) for cuBLAS, which the CUDA kernels call directly (the fp32
+    GEMMs with an explicit TF32 choice, docs/DESIGN.md §4): the toolkit's headers and libcublas
+    when it has them; else those of the pip wheel that torch itself loads (nvidia/cu13/ for CUDA 13,
+    nvidia/cublas/ for CUDA 12; its library is linked by file name, since the wheel has no
+    unversioned libcublas.so). At run time torch has already loaded that library."""
+    import glob
+    import sys
+
+    includes, link = [], []
+    if not os.path.exists(os.path.join(cuda_home, "include", "cublas_v2.h")):
+        for root in search_path if search_path is not None else sys.path:
+            for sub in ("cu13", "cublas", "cu12"):
+                inc = os.path.join(root, "nvidia", sub, "include")
+                if os.path.exists(os.path.join(inc, "cublas_v2.h")):
+                    includes.append(inc)
+                    break
+            if includes:
+                break
+    lib = library_dir(cuda_home)
+    if glob.glob(os.path.join(lib, "libcublas.so")):
+        return includes, ["-lcublas"]
+    for root in search_path if search_path is not None else sys.path:
+        for sub in ("cu13", "cublas", "cu12"):
+            found = sorted(glob.glob(os.path.join(root, "nvidia", sub, "lib", "libcublas.so.*")))
+            if found:
+                link = [found[0], "-Wl,-rpath," + os.path.dirname(found[0])]
+                return includes, link
+    return includes, ["-lcublas"]  # let the linker say what is missing

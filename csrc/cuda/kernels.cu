@@ -1,6 +1,7 @@
 // CUDA kernels of the fused D2SM pass: the panel epilogue and the gradient finish, registered as
 // the CUDA entries of the driver's DeviceKernels table (csrc/driver.h has the contracts;
-// csrc/driver.cpp drives them between cuBLAS GEMMs issued through ATen on the current stream),
+// csrc/driver.cpp drives them between cuBLAS GEMMs on the current stream), the fp32 GEMM with an
+// explicit TF32 choice (fp32_gemm_cuda),
 // together with the CUDA dispatch key of the ops. docs/DESIGN.md §3 has the math.
 //
 // The Gram and W'·X products are cuBLAS GEMMs (shared-memory tiled, tensor cores for fp16/bf16
@@ -16,6 +17,8 @@
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContextLight.h>
+#include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 
@@ -230,11 +233,53 @@ void cross_epilogue_cuda(const Tensor& gx, const Tensor& gy, int64_t r0, int64_t
   });
 }
 
+// fp32 GEMM with an explicit TF32 choice (driver.h's Fp32GemmFn; docs/DESIGN.md §4): cuBLAS
+// with the compute type of this call (CUBLAS_COMPUTE_32F: IEEE; CUBLAS_COMPUTE_32F_FAST_TF32),
+// on the current stream through the thread's and stream's ATen handle. The handle's math mode is
+// set to CUBLAS_DEFAULT_MATH first (ATen sets it on every GEMM of its own, from its flags), so the
+// compute type alone decides: no global flag is read or written. Operands whose strides have no
+// cuBLAS form are copied contiguous; an `out` without one is written through a contiguous buffer.
+void fp32_gemm_cuda(const Tensor& out, const Tensor& a, const Tensor& b, bool tf32) {
+  TORCH_CHECK(out.is_cuda() && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+                  b.scalar_type() == at::kFloat,
+              "fp32 GEMM: float32 CUDA tensors");
+  if (out.numel() == 0) return;
+  if (a.size(2) == 0) {
+    out.zero_();
+    return;
+  }
+  std::optional<GemmLayout> l = gemm_layout(out, a, b);
+  if (!l.has_value()) {
+    const Tensor ac = a.contiguous(), bc = b.contiguous();
+    if (!gemm_layout(out, ac, bc).has_value()) {  // out itself has no cuBLAS form
+      Tensor tmp = at::empty(out.sizes(), out.options());
+      fp32_gemm_cuda(tmp, ac, bc, tf32);
+      out.copy_(tmp);
+      return;
+    }
+    fp32_gemm_cuda(out, ac, bc, tf32);
+    return;
+  }
+  const int64_t limit = INT32_MAX;
+  TORCH_CHECK(l->m <= limit && l->n <= limit && l->k <= limit && l->ld_first <= limit && l->ld_second <= limit &&
+                  l->ldc <= limit && l->batch <= limit,
+              "fp32 GEMM: sizes beyond cuBLAS's 32-bit arguments: ", out.sizes(), ", k = ", l->k);
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
+  const float alpha = 1.0f, beta = 0.0f;
+  TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(
+      handle, l->trans_first ? CUBLAS_OP_T : CUBLAS_OP_N, l->trans_second ? CUBLAS_OP_T : CUBLAS_OP_N, int(l->m),
+      int(l->n), int(l->k), &alpha, b.data_ptr<float>(), CUDA_R_32F, int(l->ld_first), l->stride_first,
+      a.data_ptr<float>(), CUDA_R_32F, int(l->ld_second), l->stride_second, &beta, out.data_ptr<float>(), CUDA_R_32F,
+      int(l->ldc), l->stride_c, int(l->batch), tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
+      CUBLAS_GEMM_DEFAULT));
+}
+
 }  // namespace
 
-const bool cuda_kernels_registered =
-    register_device_kernels(c10::DeviceType::CUDA, DeviceKernels{panel_epilogue_cuda, finish_rows_cuda, nullptr,
-                                                                 nullptr, cross_epilogue_cuda});
+const bool cuda_kernels_registered = register_device_kernels(
+    c10::DeviceType::CUDA,
+    DeviceKernels{panel_epilogue_cuda, finish_rows_cuda, nullptr, nullptr, cross_epilogue_cuda, fp32_gemm_cuda});
 
 // The driver is device-generic: the same functions serve every device's dispatch key.
 TORCH_LIBRARY_IMPL(d2sm_ext, CUDA, m) {

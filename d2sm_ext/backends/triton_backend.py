@@ -288,8 +288,10 @@ _FP16_ROW_PEAK_EXP = 14
 
 def pow2_row_scale(w: torch.Tensor) -> torch.Tensor:
     """Per-row powers of two (…, R) that bring max_j |w[…, r, j]| into [2^13, 2^14) (1 for a zero
-    or non-finite row). Multiplying and dividing by them is exact in fp32."""
-    peak = w.abs().amax(dim=-1)
+    or non-finite row). Multiplying and dividing by them is exact in fp32. The row peaks come
+    from one reduction (the inf-norm: max |w|, NaN-propagating like abs().amax, without an |w|
+    panel as a temporary)."""
+    peak = torch.linalg.vector_norm(w, float("inf"), dim=-1)
     _, exponent = torch.frexp(peak)  # peak = m·2^e, m in [0.5, 1)
     shift = torch.clamp(_FP16_ROW_PEAK_EXP - exponent, min=-126, max=126)
     scale = torch.ldexp(torch.ones_like(peak), shift)
