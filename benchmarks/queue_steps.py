@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import time
 
 import torch
 
@@ -75,6 +76,14 @@ def step_fn(queue, n: int, dim: int, device: str, dtype: torch.dtype, use_statis
     return step
 
 
+def _timed(fn, device: str) -> float:
+    synchronize(device)
+    t = time.perf_counter()
+    fn()
+    synchronize(device)
+    return (time.perf_counter() - t) * 1e3
+
+
 def floor_fn(queue, n: int, device: str, dtype: torch.dtype):
     """The three products a step cannot avoid, in the dtype the step multiplies in (the compute
     dtype on CPU, the input dtype on CUDA)."""
@@ -118,17 +127,26 @@ def main(argv=None) -> int:
                 continue
             queue = make_queue(size, args.dim, args.device, dtype, statistics=stats, exact_up_to=args.exact_up_to)
             step = step_fn(queue, args.n, args.dim, args.device, dtype, stats)
-            times = time_ms(step, args.device, args.reps, warmup=1, budget_s=args.budget)
+            if stats:
+                # the step and its floor products alternate call by call, so that the machine's
+                # drift (frequency, neighbours) weighs on both alike
+                floor = floor_fn(queue, args.n, args.device, dtype)
+                step_times, floor_times = [], []
+
+                def step_then_floor():
+                    step_times.append(_timed(step, args.device))
+                    floor_times.append(_timed(floor, args.device))
+                pairs = time_ms(step_then_floor, args.device, args.reps, warmup=1, budget_s=2 * args.budget)
+                times = None if pairs is None else step_times[1:]  # [1:]: without the warm-up call
+                row["floor"] = None if pairs is None else summarize(floor_times[1:])
+                del floor
+            else:
+                times = time_ms(step, args.device, args.reps, warmup=1, budget_s=args.budget)
             synchronize(args.device)
             cell = None if times is None else summarize(times)
             if cell is not None and not args.no_memory:
                 cell["peak_mib"] = peak_memory_bytes(step, args.device) / 2 ** 20
             row[label] = cell
-            if stats:  # the floor products, timed right after the step on the same queue rows
-                floor = floor_fn(queue, args.n, args.device, dtype)
-                floor_times = time_ms(floor, args.device, args.reps, warmup=1, budget_s=args.budget)
-                row["floor"] = None if floor_times is None else summarize(floor_times)
-                del floor
             del queue, step
         full, fast, floor = row.get("full"), row.get("statistics"), row.get("floor")
         row["speedup"] = full["median"] / fast["median"] if full and fast else None

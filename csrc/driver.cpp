@@ -195,7 +195,13 @@ static void product_into(Tensor out, const Tensor& a, const Tensor& b, bool tf32
 
 // a·b in IEEE precision (the O(M·d) products: s, t, the normalisers' dots; the cross sums).
 static Tensor ieee_product(const Tensor& a, const Tensor& b) {
-  if (a.scalar_type() != at::kFloat || !device_kernels(a.device().type()).fp32_gemm) return at::bmm(a, b);
+  const bool explicit_gemm = a.scalar_type() == at::kFloat && device_kernels(a.device().type()).fp32_gemm;
+  if (a.dim() == 2) {
+    // at::mm for 2-D operands: on CPU measured ~25% faster than the same product as a batch of one
+    // (MKL, 128×1280 · 1280×16320, a transposed view)
+    return explicit_gemm ? ieee_product(a.unsqueeze(0), b.unsqueeze(0)).squeeze(0) : at::mm(a, b);
+  }
+  if (!explicit_gemm) return at::bmm(a, b);
   Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
   product_into(out, a, b, false);
   return out;
@@ -526,8 +532,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_sums(const Tensor& xr, const Te
     const int64_t nc = std::min(chunk, C - c0);
     // fresh products, not a reused buffer: measured ~25% faster on CPU (MKL, 64×1280×16320);
     // IEEE (ieee_product: explicit on CUDA)
-    gx = ieee_product(xr_.unsqueeze(0), xc_.narrow(0, c0, nc).t().unsqueeze(0)).squeeze(0);
-    gy = ieee_product(yr_.unsqueeze(0), yc_.narrow(0, c0, nc).t().unsqueeze(0)).squeeze(0);
+    gx = ieee_product(xr_, xc_.narrow(0, c0, nc).t());
+    gy = ieee_product(yr_, yc_.narrow(0, c0, nc).t());
     for (int group = 0; group < 2; ++group) {
       const int64_t r0 = group == 0 ? 0 : row_split, nr = group == 0 ? row_split : R - row_split;
       if (nr == 0) continue;

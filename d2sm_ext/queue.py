@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist_helpers
-from .queue_stats import EnqueuePlan, QueueStatistics, QueueView
+from .queue_stats import EnqueuePlan, QueueStatistics, QueueView, finite_rows
 from .reference import compute_dtype, safe_rows
 from .registry import resolve_backend
 
@@ -200,15 +200,14 @@ class FeatureQueue(nn.Module):
         xm, ym = self.memory()
         filled = xm.shape[0]
 
-        def plan(x: torch.Tensor, y: torch.Tensor) -> Optional[EnqueuePlan]:
+        def plan(x: torch.Tensor, y: torch.Tensor, finite: torch.Tensor) -> Optional[EnqueuePlan]:
             if filled + x.shape[0] <= self.size:  # no row of the queue can leave: nothing to plan
                 return None
-            return self._plan(x, y)
+            return self._plan(finite)
         return QueueView(xm, ym, self.stats, plan, self.x_buffer.dtype)
 
-    def _plan(self, x: torch.Tensor, y: torch.Tensor) -> EnqueuePlan:
-        """Where an enqueue of (x, y) (N, dim) in the queue's dtype writes; on the device, no sync."""
-        finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y).all(dim=1)
+    def _plan(self, finite: torch.Tensor) -> EnqueuePlan:
+        """Where an enqueue of N rows with these (N,) finite flags writes; on the device, no sync."""
         n_valid = finite.sum()
         # Finite rows first, in their original order (stable sort on the "non-finite" flag).
         order = torch.sort((~finite).to(torch.int8), stable=True).indices
@@ -216,12 +215,12 @@ class FeatureQueue(nn.Module):
         # earlier ones, so only rows lo … n_valid−1 survive, lo = max(n_valid − size, 0). They go
         # to K = min(N, size) consecutive (hence distinct) slots; candidate k writes row lo + k
         # when k < n_valid − lo and otherwise writes the slot's own content back.
-        k = min(x.shape[0], self.size)
+        k = min(finite.shape[0], self.size)
         lo = torch.clamp(n_valid - self.size, min=0)
-        cand = torch.arange(k, device=x.device)
+        cand = torch.arange(k, device=finite.device)
         slots = (self.write_pointer + lo + cand) % self.size
         takes = cand < n_valid - lo
-        source = order[torch.clamp(lo + cand, max=x.shape[0] - 1)]
+        source = order[torch.clamp(lo + cand, max=finite.shape[0] - 1)]
         evicted = takes & (slots < self.filled)
         return EnqueuePlan(slots, takes, source, evicted, self.x_buffer[slots], self.y_buffer[slots], n_valid)
 
@@ -291,7 +290,7 @@ class FeatureQueue(nn.Module):
         self._changed()
         if x.shape[0] == 0:
             return
-        plan = pending.plan if pending is not None and pending.plan is not None else self._plan(x, y)
+        plan = pending.plan if pending is not None and pending.plan is not None else self._plan(finite_rows(x, y))
         new_x = torch.where(plan.takes[:, None], x[plan.source], plan.old_x)
         new_y = torch.where(plan.takes[:, None], y[plan.source], plan.old_y)
         if self.stats is not None:

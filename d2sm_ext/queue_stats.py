@@ -64,6 +64,12 @@ def self_terms(rx: torch.Tensor, ry: torch.Tensor, eps: float) -> torch.Tensor:
     return _terms((rx > 0).double(), (ry > 0).double(), eps)
 
 
+def finite_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(N,) flags: row pair i has only finite values. One reduction per side (the row's largest
+    |entry| is finite exactly when every entry is: amax propagates NaN)."""
+    return torch.isfinite(x.detach().abs().amax(dim=1)) & torch.isfinite(y.detach().abs().amax(dim=1))
+
+
 def _weighted(terms: torch.Tensor, weight) -> torch.Tensor:
     """terms × weight, where a zero weight leaves its row or column out even if its terms are NaN."""
     if weight is None:
@@ -304,7 +310,7 @@ class QueueView:
     x: torch.Tensor
     y: torch.Tensor
     stats: QueueStatistics
-    plan: Callable[[torch.Tensor, torch.Tensor], Optional[EnqueuePlan]]
+    plan: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Optional[EnqueuePlan]]
     dtype: torch.dtype  # the queue's storage dtype
 
 
@@ -316,7 +322,7 @@ def _cross_block(x, y, rx, ry, view: QueueView, rxm, rym, finite, eps, kernels, 
     n = x.shape[0]
     cdt = rx.dtype
     rows_x, rows_y, r_x, r_y, weight = x, y, rx, ry, finite.to(cdt)
-    plan = view.plan(x, y) if pending else None
+    plan = view.plan(x, y, finite) if pending else None
     if plan is not None:
         slots = plan.slots
         rows_x, rows_y = torch.cat([x, plan.old_x.to(x.dtype)]), torch.cat([y, plan.old_y.to(y.dtype)])
@@ -344,7 +350,7 @@ def _totals(x, y, view: QueueView, divergence, exclude_self, eps, kernels, keep_
         rxm, rym = inverse_norms(view.x.to(cdt)), inverse_norms(view.y.to(cdt))
     # Column sums over the finite live rows only: exactly what an enqueue of these rows adds to the
     # queue rows (a row with a NaN makes the loss NaN anyway).
-    finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y).all(dim=1)
+    finite = finite_rows(x, y)
     live_q, queue_l, delta, plan, grams = _cross_block(x, y, rx, ry, view, rxm, rym, finite, eps, kernels,
                                                        keep_gram, pending)
     live_totals = live_q + block_sums(x, y, rx, ry, eps, exclude_self)
@@ -359,11 +365,11 @@ def _totals(x, y, view: QueueView, divergence, exclude_self, eps, kernels, keep_
 
 
 def _backward(kernels, inputs, grad_rows, options, need_x, need_y, grams):
-    """The backend's queue backward; NaN gradients for a non-finite input (docs/DESIGN.md §2.6)."""
-    x, y, xm, ym, saved = inputs
+    """The backend's queue backward; NaN gradients for a non-finite input (docs/DESIGN.md §2.6;
+    inputs[-1] is 0, or NaN when a live row is not finite)."""
+    x, y, xm, ym, saved, nan = inputs
     gx, gy = kernels.backward(x, y, xm, ym, saved, grad_rows.to(saved.dtype), *options, need_x, need_y,
                               *(grams or (None, None)))
-    nan = torch.where(torch.isfinite(x).all() & torch.isfinite(y).all(), 0.0, math.nan)
     return (gx + nan if need_x else gx), (gy + nan if need_y else gy)
 
 
@@ -399,7 +405,7 @@ class QueueDivergence(torch.autograd.Function):
         saved = torch.stack([norms[0], norms[1], totals[0].to(cdt), totals[1].to(cdt), ubar.to(cdt),
                              vbar.to(cdt)])[:, None, :]
         backward_options = (divergence, exclude_self, eps, tf32)
-        inputs = (x.detach(), y.detach(), xm, ym, saved)
+        inputs = (x.detach(), y.detach(), xm, ym, saved, torch.where(finite.all(), 0.0, math.nan))
         if reduction != "none" and (need_x or need_y):
             grams = (gram_x, gram_y) if gram_x is not None else None
             grads = _backward(kernels, inputs, _row_weights(reduction, saved.shape[2], cdt, x.device),

@@ -17,6 +17,8 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <type_traits>
 #include <vector>
 
 #include "../driver.h"
@@ -62,8 +64,10 @@ struct VectorLog {
 
 // CPU epilogue: one task per panel row, the columns in chunks of kSumChunk. The pair loop is
 // branch-free (selects; -fno-trapping-math in setup.py lets GCC if-convert them) and writes each
-// pair's terms of the row sums to small buffers; a separate loop adds them up in double. GCC does
-// not vectorise the pair loop when the reduction sits inside it, and it is most of the work.
+// pair's terms of the row sums to small buffers; a separate loop adds them up in double, in SIMD
+// lanes (omp simd reduction: ~4x faster than the scalar chain, measured on the cross sums; the
+// lane order is fixed at compile time, so results stay deterministic). GCC does not vectorise the
+// pair loop when the reduction sits inside it, and it is most of the work.
 constexpr int64_t kSumChunk = 256;
 
 template <typename T, int DIV, typename Kind>
@@ -94,6 +98,8 @@ void panel_epilogue_rows(T* sx, T* sy, int64_t bc, int64_t nr, int64_t b0, int64
           }
         }
         if constexpr (Kind::stats) {
+          // each term exact in double; the lanes' order is fixed at compile time: deterministic
+#pragma omp simd reduction(+ : f, pu, qv)
           for (int64_t k = 0; k < n; ++k) {
             f += double(terms_f[k]);
             pu += double(terms_pu[k]);
@@ -183,6 +189,7 @@ void symmetric_block_epilogue(T* sx, T* sy, int64_t bc, int64_t nI, int64_t nJ, 
           }
         }
         if constexpr (Kind::stats) {
+#pragma omp simd reduction(+ : f, pu, qv)  // as in panel_epilogue_rows
           for (int64_t t = 0; t < n; ++t) {
             f += double(terms_f[t]);
             pu += double(terms_pu[t]);
@@ -334,6 +341,42 @@ void finish_rows_cpu(const Tensor& pairwise, const Tensor& live, const Tensor& r
 // sums: fp32 partial sums of at most kSumChunk terms, added in double; column sums: per-thread
 // fp32 partials of one panel, combined in thread order in double. Deterministic for a thread count.
 // ---------------------------------------------------------------------------------------------
+// One panel row's pass over a chunk of n columns: its terms (weighted by wc) into t_* for the
+// row sums and (weighted by wi) into the column partials. HAS_WC and WITH_COLS are template
+// parameters so that the loop has neither a conditional load nor a row-invariant select in it
+// (measured: the generic loop ran ~10x slower than the panel epilogue's per pair).
+template <typename T, bool HAS_WC, bool WITH_COLS>
+inline void cross_chunk(const T* __restrict__ row_x, const T* __restrict__ row_y, const T* __restrict__ rxc,
+                        const T* __restrict__ ryc, const T* __restrict__ wc, T rxi, T ryi, T wi, T eps, int64_t n,
+                        T* __restrict__ t_a, T* __restrict__ t_b, T* __restrict__ t_c, T* __restrict__ t_d,
+                        T* __restrict__ col_a, T* __restrict__ col_b, T* __restrict__ col_c, T* __restrict__ col_d) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const PairKernel<T> pk = pair_kernel(row_x[k] * rxi * rxc[k], row_y[k] * ryi * ryc[k], eps, VectorLog{});
+    const T ta = pk.ka, tb = pk.kb, tc = pk.ka * pk.lab, td = -pk.kb * pk.lab;
+    if constexpr (HAS_WC) {
+      // a zero weight leaves its column out, even where its terms are NaN
+      const T wj = wc[k];
+      const bool use_j = wj != T(0);
+      t_a[k] = use_j ? wj * ta : T(0);
+      t_b[k] = use_j ? wj * tb : T(0);
+      t_c[k] = use_j ? wj * tc : T(0);
+      t_d[k] = use_j ? wj * td : T(0);
+    } else {
+      t_a[k] = ta;
+      t_b[k] = tb;
+      t_c[k] = tc;
+      t_d[k] = td;
+    }
+    if constexpr (WITH_COLS) {
+      col_a[k] += wi * ta;
+      col_b[k] += wi * tb;
+      col_c[k] += wi * tc;
+      col_d[k] += wi * td;
+    }
+  }
+}
+
 template <typename T>
 void cross_sums_panel(const T* gx, const T* gy, int64_t nr, int64_t nc, const T* rxr, const T* ryr, const T* rxc,
                       const T* ryc, const T* wr, const T* wc, T eps, double* row_sums, int64_t n_rows,
@@ -345,33 +388,25 @@ void cross_sums_panel(const T* gx, const T* gy, int64_t nr, int64_t nc, const T*
     T* mine = partial.data() + size_t(at::get_thread_num()) * 4 * nc;
     for (int64_t i = begin; i < end; ++i) {
       const T rxi = rxr[i], ryi = ryr[i], wi = wr ? wr[i] : T(1);
-      const bool use_i = wi != T(0);
-      const T* __restrict__ row_x = gx + i * nc;
-      const T* __restrict__ row_y = gy + i * nc;
-      T* __restrict__ col_a = mine;
-      T* __restrict__ col_b = mine + nc;
-      T* __restrict__ col_c = mine + 2 * nc;
-      T* __restrict__ col_d = mine + 3 * nc;
+      const bool use_i = wi != T(0);  // a zero weight leaves the row out of the column sums
+      const T* row_x = gx + i * nc;
+      const T* row_y = gy + i * nc;
       double sa = 0, sb = 0, sc = 0, sd = 0;
       for (int64_t j0 = 0; j0 < nc; j0 += kSumChunk) {
         const int64_t n = std::min(kSumChunk, nc - j0);
-#pragma omp simd
-        for (int64_t k = 0; k < n; ++k) {
-          const int64_t j = j0 + k;
-          const PairKernel<T> pk = pair_kernel(row_x[j] * rxi * rxc[j], row_y[j] * ryi * ryc[j], eps, VectorLog{});
-          const T ta = pk.ka, tb = pk.kb, tc = pk.ka * pk.lab, td = -pk.kb * pk.lab;
-          // a zero weight leaves its row or column out, even where its terms are NaN
-          const T wj = wc ? wc[j] : T(1);
-          const bool use_j = wj != T(0);
-          t_a[k] = use_j ? wj * ta : T(0);
-          t_b[k] = use_j ? wj * tb : T(0);
-          t_c[k] = use_j ? wj * tc : T(0);
-          t_d[k] = use_j ? wj * td : T(0);
-          col_a[j] += use_i ? wi * ta : T(0);
-          col_b[j] += use_i ? wi * tb : T(0);
-          col_c[j] += use_i ? wi * tc : T(0);
-          col_d[j] += use_i ? wi * td : T(0);
-        }
+        T* cols[4] = {mine + j0, mine + nc + j0, mine + 2 * nc + j0, mine + 3 * nc + j0};
+        const T* w = wc ? wc + j0 : nullptr;
+        auto run = [&](auto has_wc, auto with_cols) {
+          cross_chunk<T, decltype(has_wc)::value, decltype(with_cols)::value>(
+              row_x + j0, row_y + j0, rxc + j0, ryc + j0, w, rxi, ryi, wi, eps, n, t_a, t_b, t_c, t_d, cols[0],
+              cols[1], cols[2], cols[3]);
+        };
+        using yes = std::true_type;
+        using no = std::false_type;
+        if (w) use_i ? run(yes{}, yes{}) : run(yes{}, no{});
+        else use_i ? run(no{}, yes{}) : run(no{}, no{});
+        // each term exact in double; the lanes' order is fixed at compile time: deterministic
+#pragma omp simd reduction(+ : sa, sb, sc, sd)
         for (int64_t k = 0; k < n; ++k) {
           sa += double(t_a[k]);
           sb += double(t_b[k]);
