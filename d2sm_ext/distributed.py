@@ -17,11 +17,24 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def active(group=None) -> bool:
     """A process group with more than one rank is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def world_and_rank(group=None) -> tuple[int, int]:
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def global_count(n: int, device, group=None) -> int:
+    """Σ n over the ranks (every rank calls it; read on the host). ``device``: where the group's
+    tensors live (CUDA for NCCL)."""
+    count = torch.tensor([n], dtype=torch.long, device=device)
+    dist.all_reduce(count, group=group)
+    return int(count)
 
 
 def all_gather_rows(t: torch.Tensor, group=None) -> tuple[torch.Tensor, list[int]]:
@@ -94,6 +107,70 @@ def ddp_ignore_queues(model: "torch.nn.Module") -> "torch.nn.Module":
     return model
 
 
+def full_state_dict(model: "torch.nn.Module") -> dict:
+    """``model.state_dict()`` with every sharded FeatureQueue's entries replaced by the whole
+    queue's state (``FeatureQueue.full_state_dict``): a checkpoint that loads on any world size,
+    or in one process. A collective: every rank calls it (then, typically, rank 0 saves it)."""
+    from .queue import FeatureQueue
+
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, FeatureQueue) and module.sharded:
+            prefix = f"{name}." if name else ""
+            for key in [k for k in state if k.startswith(prefix)]:
+                del state[key]
+            state.update({prefix + k: v for k, v in module.full_state_dict().items()})
+    return state
+
+
 def resolve(flag: Optional[bool], group=None) -> bool:
     """``None``: distributed exactly when a multi-rank process group is initialised."""
     return active(group) if flag is None else bool(flag)
+
+
+class RankLocalState(nn.Module):
+    """A module whose named tensors differ across ranks by design: held as plain attributes, not
+    buffers, so ``DistributedDataParallel`` (whose ``broadcast_buffers=True`` copies rank 0's
+    buffers to every rank before each forward) never sees them; still in ``state_dict`` under
+    their names, moved and cast by ``.to()``, and loaded by ``load_state_dict``."""
+
+    def _init_rank_local(self) -> None:
+        self._rank_local: list[str] = []
+
+    def _make_rank_local(self, name: str) -> None:
+        """Turn the registered buffer ``name`` into a rank-local tensor."""
+        tensor = self._buffers.pop(name)
+        self._rank_local.append(name)
+        object.__setattr__(self, name, tensor)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in getattr(self, "_rank_local", ()):
+            t = getattr(self, name)
+            destination[prefix + name] = t if keep_vars else t.detach()
+
+    def _load_rank_local(self, state_dict, prefix, missing_keys, error_msgs) -> None:
+        for name in getattr(self, "_rank_local", ()):
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            value, mine = state_dict.pop(key), getattr(self, name)
+            if value.shape != mine.shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
+                                  f"the shape in current model is {tuple(mine.shape)}.")
+                continue
+            with torch.no_grad():
+                mine.copy_(value)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self._load_rank_local(state_dict, prefix, missing_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in getattr(self, "_rank_local", ()):
+            object.__setattr__(self, name, fn(getattr(self, name)))
+        return self

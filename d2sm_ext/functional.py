@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from . import auto_rules, queue_stats
+from . import auto_rules, queue_shard, queue_stats
 from .fused_op import use_tf32
 from .registry import resolve_backend
 from .reference import DIVERGENCES, REDUCTIONS, promote, safe_rows
@@ -48,8 +48,11 @@ def validate_inputs(
     x_memory: Optional[torch.Tensor],
     y_memory: Optional[torch.Tensor],
     precision: str = "auto",
+    check_size: bool = True,
 ) -> None:
-    """Raise TypeError/ValueError naming what was expected and what was given."""
+    """Raise TypeError/ValueError naming what was expected and what was given. ``check_size``:
+    whether the sample set is x's rows and the memory rows (a sharded queue's is known after the
+    gather: ``check_sample_size``)."""
     _check_tensor("x", x)
     _check_tensor("y", y)
     if x.ndim not in (2, 3):
@@ -99,16 +102,20 @@ def validate_inputs(
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
-    m_total = x.shape[-2] + n_memory
+    if check_size:
+        check_sample_size(x.shape[-2], n_memory, exclude_self)
+
+
+def check_sample_size(live: int, memory: int, exclude_self: bool) -> None:
     needed = 2 if exclude_self else 1
-    if m_total < needed:
+    if live + memory < needed:
         raise ValueError(
-            f"the sample set has {m_total} row(s) (live {x.shape[-2]} + memory {n_memory}); "
+            f"the sample set has {live + memory} row(s) (live {live} + memory {memory}); "
             f"exclude_self={exclude_self} needs at least {needed} so that every row has a neighbour"
         )
 
 
-def _check_queue(queue, x, x_memory, eps, divergence) -> None:
+def _check_queue(queue, x, x_memory, eps, divergence, reduction) -> None:
     from .queue import FeatureQueue
 
     if not isinstance(queue, FeatureQueue):
@@ -117,6 +124,8 @@ def _check_queue(queue, x, x_memory, eps, divergence) -> None:
         raise ValueError("give either queue or x_memory/y_memory, not both")
     if isinstance(x, torch.Tensor) and x.ndim != 2:
         raise ValueError(f"with a queue, x must be (N, d) (one sample set), got shape {tuple(x.shape)}")
+    if queue.sharded:
+        queue_shard.check_divergence(divergence, reduction)
     if queue.statistics_enabled and divergence in queue_stats.DECOMPOSABLE and float(eps) != queue.eps:
         raise ValueError(f"the queue keeps statistics for eps={queue.eps}, but eps={eps} was given: use the same "
                          f"eps, or FeatureQueue(..., eps={eps})")
@@ -167,6 +176,10 @@ def d2sm_divergence(
             reverse_kl or symmetric_kl on a fused backend, it is computed from the queue's kept
             statistics in O(N·q·d) (docs/DESIGN.md §3.6); otherwise (js, the reference backend, a
             queue without statistics) by the full pass over the memory rows. x must be (N, d).
+            With a sharded queue (``FeatureQueue(shard=True)`` under W ranks; kl, reverse_kl,
+            symmetric_kl; "mean"/"sum") every rank calls it: the sample set is every rank's x (rank
+            order) followed by the whole queue, the value is the same on every rank, and x's gradient
+            is that value's gradient with respect to this rank's rows (docs/DESIGN.md §3.7).
 
     Returns:
         A scalar for "mean"/"sum", per-row values for "none"; in the (promoted) input dtype, or
@@ -176,7 +189,9 @@ def d2sm_divergence(
     """
     view = None
     if queue is not None:
-        _check_queue(queue, x, x_memory, eps, divergence)
+        _check_queue(queue, x, x_memory, eps, divergence, reduction)
+        if queue.sharded:
+            return _sharded(x, y, queue, divergence, exclude_self, reduction, eps, backend, precision)
         kept_statistics = queue.statistics_enabled and divergence in queue_stats.DECOMPOSABLE
         view = queue.statistics_view() if kept_statistics else None
         x_memory, y_memory = (view.x, view.y) if view is not None else queue.memory()
@@ -203,3 +218,21 @@ def d2sm_divergence(
         x, y, divergence=divergence, exclude_self=exclude_self, reduction=reduction, eps=float(eps),
         x_memory=x_memory, y_memory=y_memory, precision=precision,
     )
+
+
+@torch.compiler.disable  # collectives with host-read sizes: run eagerly, the model around it still compiles
+def _sharded(x, y, queue, divergence, exclude_self, reduction, eps, backend, precision) -> torch.Tensor:
+    """``d2sm_divergence`` with a sharded queue: a collective (docs/DESIGN.md §3.7)."""
+    view = queue.statistics_view()
+    validate_inputs(x, y, divergence, exclude_self, reduction, eps, view.x, view.y, precision, check_size=False)
+    x, y, xm, ym = promote(x, y, view.x, view.y)
+    x, y = safe_rows(x), safe_rows(y)  # the queue's rows are stored so already
+    view.x, view.y = xm, ym
+    grad = torch.is_grad_enabled()
+    x_all, y_all, offset, need = queue_shard.gather_batch(x, y, (grad and x.requires_grad, grad and y.requires_grad),
+                                                          queue.layout.group)
+    q = len(queue)
+    check_sample_size(x_all.shape[0], q, exclude_self)  # the same sizes, hence the same outcome, on every rank
+    impl = resolve_backend(backend, x.device.type, x.dtype, float(eps), None, need_queue=True)
+    return queue_shard.sharded_divergence(x, y, x_all, y_all, offset, need, view, queue.layout, q, divergence,
+                                          exclude_self, reduction, eps, impl.queue, use_tf32(precision))

@@ -22,7 +22,10 @@ queue enqueues the all-gathered batch (identical queues on every rank) and each 
 set is (its own live rows, global history); DDP's gradient averaging then yields the gradient of
 the mean of the per-rank losses. ``gather_live=True`` uses (all ranks' live rows, history) and
 rescales the local gradients so that DDP's average equals the single-process gradient on the
-concatenated batch (one extra all-gather of features per step). See d2sm_ext.distributed.
+concatenated batch (one extra all-gather of features per step). ``shard_queue=True`` stores the
+queue across the ranks instead of on every rank (docs/DESIGN.md §3.7): the same single-process
+loss as ``gather_live=True``, with each rank holding and working on 1/W of the queue. See
+d2sm_ext.distributed.
 
 Scale and default weight: the divergence is averaged per row (see ``d2sm_ext.functional``); the
 public code's number equals ours (reverse_kl, diagonal included) divided by M. ``weight``
@@ -88,6 +91,7 @@ class D2SMLoss(nn.Module):
         feature_dim: Optional[int] = None,
         distributed: Optional[bool] = None,
         gather_live: bool = False,
+        shard_queue: bool = False,
     ):
         """
         Args:
@@ -126,6 +130,13 @@ class D2SMLoss(nn.Module):
                 group the queue enqueues the all-gathered batch. True/False forces it.
             gather_live: under DDP, use every rank's live rows in the sample set (one more
                 all-gather per step); "pooled"/"batch" only.
+            shard_queue: under a multi-rank process group (initialised before the loss is
+                built), store the queue across the ranks: each rank holds ⌈queue_size/W⌉ rows,
+                the sample set is every rank's live rows and the whole queue (as gather_live),
+                the value is the same on every rank and DDP's averaged gradient is the
+                single-process one (docs/DESIGN.md §3.7). kl, reverse_kl, symmetric_kl;
+                queue_size > 0. Checkpoints: ``d2sm_ext.distributed.full_state_dict(model)``
+                (every rank) resumes on any world size; ``state_dict()`` is the rank's shard.
 
         Raises ValueError for a setting that cannot work, before any image is seen.
         """
@@ -148,6 +159,13 @@ class D2SMLoss(nn.Module):
             )
         if gather_live and sampling == "internal":
             raise ValueError("gather_live needs one shared sample set: sampling='pooled' or 'batch'")
+        if not isinstance(shard_queue, bool):
+            raise TypeError(f"shard_queue must be a bool, got {type(shard_queue).__name__}")
+        if shard_queue and queue_size == 0:
+            raise ValueError("shard_queue=True needs a queue: give queue_size > 0")
+        if shard_queue and divergence not in DECOMPOSABLE:
+            raise ValueError(f"shard_queue=True needs a divergence the queue keeps statistics for {DECOMPOSABLE}, got "
+                             f"{divergence!r} (js takes the full pass over an unsharded queue)")
         self.extractor = build_extractor(extractor, weights=extractor_weights, layer=vgg_layer)
         self.min_image_size = self.extractor.min_input_size
         if sampling != "batch" and patch_size < self.min_image_size:
@@ -172,7 +190,7 @@ class D2SMLoss(nn.Module):
             # kept statistics (O(N·q·d) per step, docs/DESIGN.md §3.6) for the divergences that
             # decompose; js takes the full pass over the queue.
             self.queue = FeatureQueue(queue_size, self.feature_dim, statistics=divergence in DECOMPOSABLE, eps=eps,
-                                      backend=backend)
+                                      backend=backend, shard=shard_queue)
 
     @property
     def feature_dim(self) -> int:
@@ -281,16 +299,21 @@ class D2SMLoss(nn.Module):
         if self.sampling == "pooled":
             fx, fy = fx.flatten(0, 1), fy.flatten(0, 1)
 
+        sharded = self.queue is not None and self.queue.sharded
         distributed = dist_helpers.resolve(self.distributed)
         local_fx, local_fy = fx, fy
         world = 1
-        if distributed and self.gather_live:
+        live = fx.shape[-2]
+        if sharded:  # the loss gathers every rank's rows itself; the sample set counts them all
+            world = self.queue.layout.world
+            live = dist_helpers.global_count(live, fx.device, self.queue.layout.group)
+        elif distributed and self.gather_live:
             fx, world = dist_helpers.gather_live_rows(fx)
             fy, _ = dist_helpers.all_gather_rows(fy)
+            live = fx.shape[-2]
         queued = 0 if self.queue is None else len(self.queue)
         if self.queue is not None and self.queue.statistics_enabled:
             self.queue.stats.discard_pending()  # what an earlier loss left is not this batch's (see below)
-        live = fx.shape[-2]
         rows = live + queued
         # Connects a loss without live rows to the graph: backward works, gradients are zero.
         zero = (restored.sum() * 0.0).to(output_dtype(restored))
@@ -305,14 +328,15 @@ class D2SMLoss(nn.Module):
             # the queue's rows (its dtype: d2sm_divergence promotes) join the sample set
             loss = d2sm_divergence(fx, fy, divergence=self.divergence, exclude_self=self.exclude_self,
                                    reduction="mean", eps=self.eps, backend=self.backend,
-                                   queue=self.queue if queued else None) + zero
+                                   queue=self.queue if queued or sharded else None) + zero
             used_queue = self.queue is not None and self.queue.statistics_enabled and self.queue.stats.has_pending()
         if self.queue is not None and self.training:
-            if used_queue and not (distributed and not self.gather_live):
-                # the loss's own rows (all ranks' with gather_live) and sums: the queue is not read again
+            if used_queue and (sharded or not (distributed and not self.gather_live)):
+                # the loss's own rows (all ranks' with gather_live or a sharded queue) and sums: the
+                # queue is not read again
                 self.queue.enqueue_last_batch(distributed=False)
             else:
-                self.queue.enqueue(local_fx.detach(), local_fy, distributed=distributed)
+                self.queue.enqueue(local_fx.detach(), local_fy, distributed=None if sharded else distributed)
         if world > 1:
             loss = dist_helpers.scale_local_gradient(loss, world)
         return self.weight * loss

@@ -36,15 +36,17 @@ import math
 from typing import Optional
 
 import torch
-from torch import nn
 
 from . import distributed as dist_helpers
-from .queue_stats import EnqueuePlan, QueueStatistics, QueueView, finite_rows
+from . import queue_shard
+from .queue_stats import EnqueuePlan, QueueStatistics, QueueView, SlotLayout, finite_rows
 from .reference import compute_dtype, safe_rows
 from .registry import resolve_backend
 
+ROW_STATE = ("x_buffer", "y_buffer", "stats.row_sums", "stats.row_inv_norms")  # (key, slot dim): 0, 0, 1, 1
 
-class FeatureQueue(nn.Module):
+
+class FeatureQueue(dist_helpers.RankLocalState):
     """Ring buffers of ``size`` paired rows of ``dim`` features.
 
     Only filled rows take part (no random initial rows); a batch of any size may be enqueued
@@ -56,12 +58,24 @@ class FeatureQueue(nn.Module):
     kernel floor they are kept for (default 1e-8, as d2sm_divergence): a call with another eps
     raises. ``backend`` names the kernels the enqueue and refresh use for them ("auto": as
     ``d2sm_divergence``'s "auto" for the queue's device and dtype).
+
+    shard: under an initialised process group of W > 1 ranks (``group``, default the world),
+    store the queue across the ranks (docs/DESIGN.md §3.7): the global queue is exactly what this
+    queue would hold unsharded after the same all-gathered stream, each rank stores at most
+    ⌈size/W⌉ of its rows (slot s on rank s mod W) with their sums over the whole queue, and
+    ``d2sm_divergence(x, y, queue=queue)`` is the single-process loss over every rank's live rows
+    and the whole queue. Needs ``statistics=True``; decided at construction (without a process
+    group, or W = 1, the queue is unsharded). The stored rows differ across ranks: they are not
+    buffers (DDP's buffer broadcast never touches them), ``state_dict()`` is the rank's shard, and
+    ``full_state_dict()`` (a collective) the whole queue's state, which loads into a sharded queue
+    of any world size or an unsharded one.
     """
 
     def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32,
                  device: Optional[torch.device] = None, statistics: bool = False, eps: float = 1e-8,
-                 backend: str = "auto"):
+                 backend: str = "auto", shard: bool = False, group=None):
         super().__init__()
+        self._init_rank_local()
         for name, value in (("size", size), ("dim", dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"FeatureQueue {name} must be a positive int, got {value!r}")
@@ -73,18 +87,36 @@ class FeatureQueue(nn.Module):
             raise ValueError(f"FeatureQueue eps must be a finite number > 0, got {eps!r}")
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+        if not isinstance(shard, bool):
+            raise TypeError(f"shard must be a bool, got {type(shard).__name__}")
+        if shard and not statistics:
+            raise ValueError("shard=True needs statistics=True: a sharded queue computes the loss from the kept "
+                             "statistics (kl, reverse_kl, symmetric_kl)")
         self.size = size
         self.dim = dim
         self.backend = backend
-        self.register_buffer("x_buffer", torch.zeros(size, dim, dtype=dtype, device=device))
-        self.register_buffer("y_buffer", torch.zeros(size, dim, dtype=dtype, device=device))
+        self.layout: SlotLayout = SlotLayout()
+        stored = size
+        if shard and dist_helpers.active(group):
+            world, rank = dist_helpers.world_and_rank(group)
+            if size < world:
+                raise ValueError(f"a sharded queue stores at least one slot per rank: size {size} < {world} ranks")
+            self.layout = queue_shard.ShardLayout(world, rank, group)
+            stored = queue_shard.capacity(size, world, rank)
+        self.register_buffer("x_buffer", torch.zeros(stored, dim, dtype=dtype, device=device))
+        self.register_buffer("y_buffer", torch.zeros(stored, dim, dtype=dtype, device=device))
         # Next slot to write and number of filled slots; int64 scalars on the buffers' device.
         self.register_buffer("write_pointer", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long, device=device))
         self._known_full = False  # host-side cache: once full, a queue stays full until reset()
         self._eps = float(eps)
         self._loaded_statistics: Optional[bool] = None  # what the last loaded checkpoint said
-        self.stats: Optional[QueueStatistics] = QueueStatistics(size, dtype, device, eps) if statistics else None
+        self.stats: Optional[QueueStatistics] = QueueStatistics(stored, dtype, device, eps) if statistics else None
+        if self.sharded:  # rows that differ across ranks by design: not buffers (DDP broadcasts buffers)
+            self._make_rank_local("x_buffer")
+            self._make_rank_local("y_buffer")
+            self.stats._make_rank_local("row_sums")
+            self.stats._make_rank_local("row_inv_norms")
         self.register_load_state_dict_post_hook(FeatureQueue._after_load)
 
     @property
@@ -92,12 +124,24 @@ class FeatureQueue(nn.Module):
         return self.stats is not None
 
     @property
+    def sharded(self) -> bool:
+        """The rows are stored across the ranks of a process group (``shard=True`` under W > 1 ranks)."""
+        return isinstance(self.layout, queue_shard.ShardLayout)
+
+    def _shard_info(self) -> Optional[dict]:
+        if not self.sharded:
+            return None
+        return {"world": self.layout.world, "rank": self.layout.rank, "size": self.size}
+
+    @property
     def eps(self) -> float:
         """The kernel floor the statistics are kept for."""
         return self._eps
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, dim={self.dim}, dtype={self.x_buffer.dtype}, statistics={self.statistics_enabled}"
+        shard = f", shard=rank {self.layout.rank} of {self.layout.world}" if self.sharded else ""
+        return (f"size={self.size}, dim={self.dim}, dtype={self.x_buffer.dtype}, "
+                f"statistics={self.statistics_enabled}{shard}")
 
     def __len__(self) -> int:
         """Number of filled rows (reads the count from the device: one sync)."""
@@ -106,8 +150,11 @@ class FeatureQueue(nn.Module):
     # -- state ------------------------------------------------------------------------------------
     def get_extra_state(self) -> dict:
         """Saved with the buffers: what the kept sums mean (a checkpoint never loads into a queue
-        that would read them for another eps)."""
-        return {"statistics": self.statistics_enabled, "eps": self._eps}
+        that would read them for another eps) and, for a sharded queue, whose shard it is."""
+        state = {"statistics": self.statistics_enabled, "eps": self._eps}
+        if self.sharded:
+            state["shard"] = self._shard_info()
+        return state
 
     def set_extra_state(self, state: dict) -> None:
         if self.statistics_enabled and state.get("statistics") and state.get("eps") != self._eps:
@@ -123,9 +170,33 @@ class FeatureQueue(nn.Module):
                 state_dict[prefix + "stats." + name] = state_dict.pop(prefix + name)
         # Checkpoints from before the extra state: sums of unknown meaning, recomputed after the load.
         state_dict.setdefault(prefix + "_extra_state", {"statistics": None, "eps": None})
+        self._match_layout(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._known_full = False  # the loaded fill count decides
         self._changed()
+
+    def _match_layout(self, state_dict, prefix) -> None:
+        """A rank's shard loads only into the same rank of the same layout; the state of a whole
+        queue (an unsharded queue's ``state_dict()`` or ``full_state_dict()``) loads into a sharded
+        queue of any world size: this rank takes its slots (s mod W = rank)."""
+        extra = state_dict[prefix + "_extra_state"]
+        saved = extra.get("shard") if isinstance(extra, dict) else None
+        mine = self._shard_info()
+        if saved == mine:
+            return
+        if saved is not None:
+            into = (f"rank {mine['rank']} of a {mine['world']}-rank sharded queue of size {mine['size']}" if mine
+                    else "an unsharded queue")
+            raise ValueError(f"this checkpoint holds rank {saved['rank']}'s shard of a queue of size {saved['size']} "
+                             f"sharded over {saved['world']} ranks and cannot load into {into}: save the whole "
+                             f"queue with full_state_dict() (a collective; d2sm_ext.distributed.full_state_dict "
+                             f"for a whole model), which loads into any world size")
+        world, rank = self.layout.world, self.layout.rank
+        for name in ROW_STATE:
+            key = prefix + name
+            if key in state_dict:
+                t = state_dict[key]
+                state_dict[key] = t[rank::world] if name in ("x_buffer", "y_buffer") else t[:, rank::world]
 
     @staticmethod
     def _after_load(module: "FeatureQueue", incompatible_keys) -> None:
@@ -175,17 +246,28 @@ class FeatureQueue(nn.Module):
             return n
         return self.size
 
+    def _stored_count(self) -> int:
+        """Filled rows this process stores (all of them unless sharded)."""
+        n = self._filled_count()
+        if self.sharded:
+            return queue_shard.stored_count(n, self.layout.world, self.layout.rank)
+        return n
+
     def memory(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Filled rows in storage order, as detached views of the buffers (no copy).
+        """Filled rows in storage order, as detached views of the buffers (no copy); for a sharded
+        queue, this rank's filled rows (slots rank, rank + W, …).
 
         Order does not matter for the loss with "mean"/"sum" reduction; use ``history()`` when it
         does. Syncs once to read the fill count until the queue has been seen full.
         """
-        n = self._filled_count()
+        n = self._stored_count()
         return self.x_buffer[:n].detach(), self.y_buffer[:n].detach()
 
     def history(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Filled rows, oldest first, detached (a copy when the ring has wrapped; may sync)."""
+        if self.sharded:
+            raise RuntimeError("a sharded queue's history is spread over the ranks: full_state_dict() (a "
+                               "collective) gathers the whole queue")
         n = self._filled_count()
         if n < self.size:
             return self.x_buffer[:n].detach().clone(), self.y_buffer[:n].detach().clone()
@@ -198,7 +280,7 @@ class FeatureQueue(nn.Module):
         loss (``queue_stats.queue_divergence``)."""
         self._require_statistics()
         xm, ym = self.memory()
-        filled = xm.shape[0]
+        filled = self._filled_count()
 
         def plan(x: torch.Tensor, y: torch.Tensor, finite: torch.Tensor) -> Optional[EnqueuePlan]:
             if filled + x.shape[0] <= self.size:  # no row of the queue can leave: nothing to plan
@@ -222,7 +304,11 @@ class FeatureQueue(nn.Module):
         takes = cand < n_valid - lo
         source = order[torch.clamp(lo + cand, max=finite.shape[0] - 1)]
         evicted = takes & (slots < self.filled)
-        return EnqueuePlan(slots, takes, source, evicted, self.x_buffer[slots], self.y_buffer[slots], n_valid)
+        norms = self.stats.row_inv_norms if self.stats is not None else None
+        if norms is None:  # no statistics: the norms are not needed
+            norms = self.x_buffer.new_zeros(2, self.x_buffer.shape[0], dtype=compute_dtype(self.x_buffer.dtype))
+        old_x, old_y, old_rx, old_ry = self.layout.held(slots, self.x_buffer, self.y_buffer, norms)
+        return EnqueuePlan(slots, takes, source, evicted, old_x, old_y, old_rx, old_ry, n_valid)
 
     def _check_rows(self, x, y) -> None:
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
@@ -250,11 +336,17 @@ class FeatureQueue(nn.Module):
 
         distributed: None (default) all-gathers the batch from every rank (rank order) when a
         multi-rank process group is initialised, so all ranks keep identical queues; True/False
-        forces it. Every rank must call enqueue (an empty batch is fine).
+        forces it. Every rank must call enqueue (an empty batch is fine). A sharded queue always
+        gathers (over its own group; distributed=False raises).
         """
         self._check_rows(x, y)
         x = x.detach().reshape(-1, self.dim).to(self.x_buffer.dtype)
         y = y.detach().reshape(-1, self.dim).to(self.y_buffer.dtype)
+        if self.sharded:
+            if distributed is False:
+                raise ValueError("a sharded queue holds every rank's rows: its enqueue always gathers them "
+                                 "(distributed=False is not possible)")
+            distributed, group = True, self.layout.group
         if dist_helpers.resolve(distributed, group):
             both, _ = dist_helpers.all_gather_rows(torch.cat([x, y], dim=1), group)
             x, y = both[:, :self.dim], both[:, self.dim:]
@@ -281,9 +373,10 @@ class FeatureQueue(nn.Module):
         if pending is None:
             raise RuntimeError("enqueue_last_batch: no loss over this queue has left its rows since the queue last "
                                "changed (or the loss's rows were wider than the queue's dtype); use enqueue(x, y)")
-        if dist_helpers.resolve(distributed, group):
+        if not self.sharded and dist_helpers.resolve(distributed, group):
             self.enqueue(pending.x, pending.y, distributed=True, group=group)
             return
+        # (a sharded queue's loss gathered every rank's rows and sums: nothing to communicate)
         self._write(pending.x, pending.y, pending)
 
     def _write(self, x: torch.Tensor, y: torch.Tensor, pending) -> None:
@@ -295,9 +388,10 @@ class FeatureQueue(nn.Module):
         new_y = torch.where(plan.takes[:, None], y[plan.source], plan.old_y)
         if self.stats is not None:
             self.stats.update(plan, new_x, new_y, self.filled, self.x_buffer, self.y_buffer, self._kernels(),
-                              pending)
-        self.x_buffer.index_copy_(0, plan.slots, new_x)
-        self.y_buffer.index_copy_(0, plan.slots, new_y)
+                              self.layout, pending)
+        t, s, write = self.layout.targets(plan)
+        self.x_buffer.index_copy_(0, t, torch.where(write, new_x[s], self.x_buffer[t]))
+        self.y_buffer.index_copy_(0, t, torch.where(write, new_y[s], self.y_buffer[t]))
         self.write_pointer.copy_((self.write_pointer + plan.n_valid) % self.size)
         self.filled.copy_(torch.clamp(self.filled + plan.n_valid, max=self.size))
 
@@ -312,7 +406,20 @@ class FeatureQueue(nn.Module):
 
     @torch.no_grad()
     def refresh_statistics(self) -> None:
-        """Recompute the kept sums exactly from the stored rows (O(q²·d); one host sync)."""
+        """Recompute the kept sums exactly from the stored rows (O(q²·d); one host sync). For a
+        sharded queue a collective: each rank's rows are broadcast in turn (O(q·d) traffic)."""
         self._require_statistics()
-        n = len(self)
-        self.stats.refresh(self.x_buffer[:n], self.y_buffer[:n])
+        n = self._stored_count()
+        xm, ym = self.x_buffer[:n], self.y_buffer[:n]
+        others = queue_shard.other_shards(self.layout, xm, ym, len(self)) if self.sharded else ()
+        self.stats.refresh(xm, ym, others)
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict:
+        """The state an unsharded ``FeatureQueue(size, dim, statistics=True)`` would have after the
+        same stream (its ``state_dict()`` keys), for a checkpoint that resumes on any world size:
+        a collective every rank calls (it gathers the whole queue, O(q·d), on every rank). For an
+        unsharded queue, its ``state_dict()``."""
+        if not self.sharded:
+            return self.state_dict()
+        return queue_shard.full_state(self)

@@ -30,9 +30,9 @@ import math
 from typing import Callable, Optional
 
 import torch
-from torch import nn
 
 from . import fused_op, sizing
+from .distributed import RankLocalState
 from .reference import compute_dtype, output_dtype
 from .reference import inverse_norms as reference_inverse_norms
 
@@ -177,7 +177,34 @@ class EnqueuePlan:
     evicted: torch.Tensor
     old_x: torch.Tensor
     old_y: torch.Tensor
+    old_rx: torch.Tensor  # the held rows' kept inverse norms (compute dtype)
+    old_ry: torch.Tensor
     n_valid: torch.Tensor  # finite rows of the batch (0-d, on the device)
+
+
+class SlotLayout:
+    """Which slots of the queue this process stores, and where: the whole ring, slot s at s.
+    ``queue_shard.ShardLayout`` is the sharded queue's (docs/DESIGN.md §3.7): slot s on rank s mod W.
+    The statistics' update is written once against this interface."""
+
+    def positions(self, n: int, device) -> torch.Tensor:
+        """(n,) the queue slot each of the n stored slots holds."""
+        return torch.arange(n, device=device)
+
+    def held(self, slots, x_buffer, y_buffer, inv_norms):
+        """The rows (and kept inverse norms) the candidate ``slots`` hold now, whichever process stores them."""
+        return x_buffer[slots], y_buffer[slots], inv_norms[0, slots], inv_norms[1, slots]
+
+    def targets(self, plan: "EnqueuePlan"):
+        """(t, s, write): candidate k is written to stored slot t_k with candidate s_k's values, where
+        ``write`` (0-d); candidates stored elsewhere repeat one of this process's (same slot, same
+        values) or, with none here, rewrite stored slot 0 with itself: no host sync."""
+        return plan.slots, torch.arange(plan.slots.shape[0], device=plan.slots.device), \
+            torch.ones((), dtype=torch.bool, device=plan.slots.device)
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sums formed over this process's slots → sums over the whole queue."""
+        return t
 
 
 @dataclasses.dataclass
@@ -193,7 +220,7 @@ class PendingBatch:
     col_delta: torch.Tensor
 
 
-class QueueStatistics(nn.Module):
+class QueueStatistics(RankLocalState):
     """The kept statistics of a ``FeatureQueue`` (docs/DESIGN.md §3.6): for each of its ``size``
     slots the float64 sums A, B, C, D of the row's pair terms over the other filled rows, for one
     kernel floor ``eps``, and the rows' inverse norms; their update on enqueue; and the pending
@@ -206,6 +233,7 @@ class QueueStatistics(nn.Module):
 
     def __init__(self, size: int, dtype: torch.dtype, device, eps: float):
         super().__init__()
+        self._init_rank_local()
         self.eps = float(eps)
         self.register_buffer("row_sums", torch.zeros(N_STATS, size, dtype=torch.float64, device=device))
         self.register_buffer("row_inv_norms", torch.zeros(2, size, dtype=compute_dtype(dtype), device=device))
@@ -248,8 +276,9 @@ class QueueStatistics(nn.Module):
         self.discard_pending()
 
     @torch.no_grad()
-    def refresh(self, xm: torch.Tensor, ym: torch.Tensor) -> None:
-        """Recompute the sums of the filled rows (xm, ym) exactly: O(q²·d), in row chunks."""
+    def refresh(self, xm: torch.Tensor, ym: torch.Tensor, others=()) -> None:
+        """Recompute the sums of the filled rows (xm, ym) exactly: O(q²·d), in row chunks.
+        ``others``: the queue's rows stored elsewhere, as (x, y) blocks (a sharded queue)."""
         n = xm.shape[0]
         rx, ry = inverse_norms(xm), inverse_norms(ym)
         self.row_inv_norms.zero_()
@@ -257,25 +286,31 @@ class QueueStatistics(nn.Module):
         self.row_inv_norms[0, :n], self.row_inv_norms[1, :n] = rx.to(self.row_inv_norms.dtype), \
             ry.to(self.row_inv_norms.dtype)
         budget = sizing.refresh_chunk_mb(xm.device)
-        self.row_sums[:, :n] = block_sums(xm, ym, rx, ry, self.eps, exclude_self=True, budget_mb=budget)
+        sums = block_sums(xm, ym, rx, ry, self.eps, exclude_self=True, budget_mb=budget)
+        for xo, yo in others:
+            sums = sums + cross_sums_torch(xm, ym, rx, ry, xo, yo, inverse_norms(xo), inverse_norms(yo), self.eps)[0]
+        self.row_sums[:, :n] = sums
         self.discard_pending()
 
     @torch.no_grad()
-    def update(self, plan: EnqueuePlan, new_x, new_y, filled, x_buffer, y_buffer, kernels,
+    def update(self, plan: EnqueuePlan, new_x, new_y, filled, x_buffer, y_buffer, kernels, layout: SlotLayout,
                pending: Optional[PendingBatch] = None) -> None:
         """Before the slots are written: the entering rows' terms are added to every kept row's
         sums, the evicted rows' terms subtracted, and the entering rows' own sums formed over the
         kept rows and the other entering rows. O(K·q·d) for K candidate slots in one
         ``cross_sums`` call; no host sync. With ``pending`` (the loss's sums for this very batch
-        and plan) only O(K²·d): the queue is not read again."""
+        and plan) only O(K²·d): the queue is not read again. ``layout`` says which slots this
+        process stores (all of them, or a rank's shard: then the entering rows' sums over the
+        stored rows are summed over the ranks)."""
         eps = self.eps
         slots, takes, evicted = plan.slots, plan.takes, plan.evicted
         cdt = self.row_inv_norms.dtype
-        size = self.row_sums.shape[1]
-        kept = torch.arange(size, device=slots.device) < filled  # slots fill in order: 0 … filled − 1
-        kept[slots] = kept[slots] & ~takes
+        t, s, write = layout.targets(plan)
+        lands = write & takes[s]
+        kept = layout.positions(self.row_sums.shape[1], slots.device) < filled  # slots fill in order
+        kept[t] = kept[t] & ~lands
         rx_new, ry_new = inverse_norms(new_x), inverse_norms(new_y)
-        rx_old, ry_old = self.row_inv_norms[0, slots], self.row_inv_norms[1, slots]
+        rx_old, ry_old = plan.old_rx, plan.old_ry
         new_new = block_sums(new_x, new_y, rx_new, ry_new, eps, exclude_self=True, col_weight=takes.to(cdt))
         if pending is None:
             # entering rows (weight +1 where they take) and evicted rows (−1) against every slot
@@ -285,7 +320,7 @@ class QueueStatistics(nn.Module):
                 rows_x, rows_y, torch.cat([rx_new, rx_old]), torch.cat([ry_new, ry_old]),
                 x_buffer, y_buffer, self.row_inv_norms[0], self.row_inv_norms[1], eps, weight, kept.to(cdt),
                 slots.shape[0], False)
-            entering = row_sums[:, :slots.shape[0]] + new_new
+            entering = layout.reduce(row_sums[:, :slots.shape[0]]) + new_new
             col_delta = col_sums[0] + col_sums[1]
         else:
             on_evicted, _, _, _ = kernels.cross_sums(new_x, new_y, rx_new, ry_new, plan.old_x, plan.old_y, rx_old,
@@ -294,9 +329,9 @@ class QueueStatistics(nn.Module):
             col_delta = torch.zeros_like(self.row_sums)
             col_delta[:, :pending.col_delta.shape[1]] = pending.col_delta
         self.row_sums.add_(torch.where(kept, col_delta, 0.0))
-        self.row_sums[:, slots] = torch.where(takes, entering, self.row_sums[:, slots])
-        self.row_inv_norms[0, slots] = torch.where(takes, rx_new.to(cdt), rx_old)
-        self.row_inv_norms[1, slots] = torch.where(takes, ry_new.to(cdt), ry_old)
+        self.row_sums[:, t] = torch.where(lands, entering[:, s], self.row_sums[:, t])
+        self.row_inv_norms[0, t] = torch.where(lands, rx_new[s].to(cdt), self.row_inv_norms[0, t])
+        self.row_inv_norms[1, t] = torch.where(lands, ry_new[s].to(cdt), self.row_inv_norms[1, t])
         self.discard_pending()
 
 
@@ -324,10 +359,9 @@ def _cross_block(x, y, rx, ry, view: QueueView, rxm, rym, finite, eps, kernels, 
     rows_x, rows_y, r_x, r_y, weight = x, y, rx, ry, finite.to(cdt)
     plan = view.plan(x, y, finite) if pending else None
     if plan is not None:
-        slots = plan.slots
         rows_x, rows_y = torch.cat([x, plan.old_x.to(x.dtype)]), torch.cat([y, plan.old_y.to(y.dtype)])
-        r_x = torch.cat([rx, view.stats.row_inv_norms[0, slots].to(cdt)])
-        r_y = torch.cat([ry, view.stats.row_inv_norms[1, slots].to(cdt)])
+        r_x = torch.cat([rx, plan.old_rx.to(cdt)])
+        r_y = torch.cat([ry, plan.old_ry.to(cdt)])
         weight = torch.cat([weight, -plan.evicted.to(cdt)])
     keep = keep_gram and sizing.keep_gram(rows_x.shape[0], view.x.shape[0], cdt)
     row_sums, col_sums, gram_x, gram_y = kernels.cross_sums(rows_x, rows_y, r_x, r_y, view.x, view.y, rxm, rym,
@@ -339,8 +373,10 @@ def _cross_block(x, y, rx, ry, view: QueueView, rxm, rym, finite, eps, kernels, 
     return row_sums[:, :n], col_sums[0], delta, plan, grams
 
 
-def _totals(x, y, view: QueueView, divergence, exclude_self, eps, kernels, keep_gram):
-    """Every row's sums (4, N + q) and what the gradient and the pending batch need."""
+def _totals(x, y, view: QueueView, divergence, exclude_self, eps, kernels, keep_gram, reduce=None):
+    """Every row's sums (4, N + q) and what the gradient and the pending batch need. ``reduce``
+    turns the live rows' sums over the stored rows into sums over the whole queue (a sharded
+    queue's ``ShardLayout.reduce``; default: this process stores the whole queue)."""
     filled = view.x.shape[0]
     cdt = compute_dtype(x.dtype)
     rx, ry = inverse_norms(x), inverse_norms(y)
@@ -353,6 +389,8 @@ def _totals(x, y, view: QueueView, divergence, exclude_self, eps, kernels, keep_
     finite = finite_rows(x, y)
     live_q, queue_l, delta, plan, grams = _cross_block(x, y, rx, ry, view, rxm, rym, finite, eps, kernels,
                                                        keep_gram, pending)
+    if reduce is not None:
+        live_q = reduce(live_q)
     live_totals = live_q + block_sums(x, y, rx, ry, eps, exclude_self)
     queue_totals = view.stats.sums(filled) + queue_l
     if not exclude_self:

@@ -1,0 +1,193 @@
+"""A queue sharded across ranks (FeatureQueue(shard=True), D2SMLoss(shard_queue=True);
+docs/DESIGN.md §3.7) against one process holding the whole queue, with real gloo processes
+(tests/sharded_queue_worker.py): 200-step float64 streams on 2 and 3 ranks (uneven and empty
+batches, wrap-around, zero and non-finite rows, kl/reverse_kl/symmetric_kl, both exclude_self,
+"mean" and "sum", the fused CPU backend and the reference), the collectives' sizes, checkpoints
+resumed on 3 ranks and in one process, and the loss inside a DDP-wrapped module."""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import sharded_queue_worker as worker
+from d2sm_ext import D2SMLoss, FeatureQueue, d2sm_divergence
+from loss_cases import tiny_extractor
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+BACKENDS = ("cpu", "reference")
+RTOL = 1e-9  # float64 streams: values and gradients against one process's whole queue
+
+
+def _spawn(world, out, resume_from=None):
+    mp.spawn(worker.run, args=(world, str(out / "init"), str(out), resume_from), nprocs=world, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    return _spawn(2, tmp_path_factory.mktemp("sharded2"))
+
+
+@pytest.fixture(scope="module")
+def three(two, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded3")
+    torch.save({b: two[0][f"full_{b}"] for b in BACKENDS}, out / "full_w2_step120.pt")
+    return _spawn(3, out, resume_from=str(out / "full_w2_step120.pt"))
+
+
+@pytest.fixture(params=[2, 3])
+def runs(request, two, three):
+    return two if request.param == 2 else three
+
+
+# -- single process: construction and errors -------------------------------------------------------
+def test_shard_needs_statistics():
+    with pytest.raises(ValueError, match="statistics=True"):
+        FeatureQueue(8, 3, shard=True)
+
+
+def test_without_a_process_group_a_sharded_queue_is_the_whole_queue():
+    q = FeatureQueue(8, 3, statistics=True, shard=True, dtype=torch.float64)
+    assert not q.sharded and q.x_buffer.shape == (8, 3) and "x_buffer" in dict(q.named_buffers())
+    x = torch.randn(5, 3, dtype=torch.float64)
+    q.enqueue(x, x + 1)
+    assert len(q) == 5 and torch.isfinite(d2sm_divergence(x, x + 1, queue=q))
+
+
+def test_d2smloss_shard_queue_settings():
+    with pytest.raises(ValueError, match="queue_size > 0"):
+        D2SMLoss(extractor=tiny_extractor(), sampling="batch", shard_queue=True)
+    with pytest.raises(ValueError, match="js"):
+        D2SMLoss(extractor=tiny_extractor(), sampling="batch", queue_size=8, divergence="js", shard_queue=True)
+    with pytest.raises(TypeError, match="shard_queue"):
+        D2SMLoss(extractor=tiny_extractor(), sampling="batch", queue_size=8, shard_queue=1)
+
+
+# -- 2 and 3 ranks ----------------------------------------------------------------------------------
+def test_stream_equals_one_process_with_the_whole_queue(runs):
+    for r in runs:
+        for backend in BACKENDS:
+            worst = r[f"worst_{backend}"]
+            assert max(worst.values()) <= RTOL, (backend, worst)
+            assert r[f"rows_equal_{backend}"]
+            # kept sums: drift against an exact recomputation, and the collective refresh
+            assert r[f"sums_error_{backend}"] <= RTOL and r[f"refresh_error_{backend}"] <= 1e-12
+
+
+def test_value_identical_on_every_rank(runs):
+    for backend in BACKENDS:
+        values = [torch.stack(r[f"values_{backend}"]) for r in runs]
+        assert len(values[0]) > 150
+        for v in values[1:]:
+            assert torch.equal(torch.isnan(v), torch.isnan(values[0]))
+            assert torch.equal(v.nan_to_num(), values[0].nan_to_num())
+
+
+def test_each_rank_stores_at_most_its_share(runs):
+    world = len(runs)
+    for backend in BACKENDS:
+        stored = [r[f"stored_{backend}"] for r in runs]
+        assert all(max(s) == min(s) <= math.ceil(worker.SIZE / world) for s in stored)
+        assert sum(s[0] for s in stored) == worker.SIZE
+
+
+def test_divergences_without_kept_statistics_and_per_row_values_raise(two):
+    assert "js" in two[0]["error_{'divergence': 'js'}"] and "kl" in two[0]["error_{'divergence': 'js'}"]
+    assert "mean" in two[0]["error_{'reduction': 'none'}"]
+
+
+def test_no_collective_moves_a_queue_sized_tensor(two):
+    for r in two:
+        c = r["collectives"]
+        assert c["filled"] == c["size"] and c["sizes"]
+        bound = c["most_rows"] * (2 * c["dim"] + 2)  # the largest: the evicted rows and their norms
+        assert max(c["sizes"]) <= bound < c["size"] * c["dim"] / 10
+
+
+def test_full_state_dict_is_the_whole_queues_state(two):
+    for backend in BACKENDS:
+        full, whole = two[0][f"full_{backend}"], two[0][f"whole_at_120_{backend}"]
+        assert set(full) == set(whole)
+        for key in ("x_buffer", "y_buffer", "write_pointer", "filled", "stats.row_inv_norms"):
+            assert torch.equal(full[key], whole[key]), key
+        torch.testing.assert_close(full["stats.row_sums"], whole["stats.row_sums"], rtol=RTOL, atol=0)
+        assert full["_extra_state"] == whole["_extra_state"]
+        for r in two[1:]:  # the same on every rank
+            assert all(torch.equal(v, r[f"full_{backend}"][k]) for k, v in full.items() if torch.is_tensor(v))
+
+
+def test_full_state_from_two_ranks_resumes_on_three(three):
+    for r in three:
+        for backend in BACKENDS:
+            assert max(r[f"resumed_worst_{backend}"].values()) <= RTOL
+            assert r[f"rows_equal_resumed_{backend}"] and r[f"sums_error_resumed_{backend}"] <= RTOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("into_sharded", [False, True])
+def test_full_state_from_two_ranks_resumes_in_one_process(two, backend, into_sharded):
+    """Into a plain queue, or a shard=True queue without a process group: the stream continues
+    exactly as the whole queue's does."""
+    kwargs = dict(dtype=torch.float64, statistics=True, backend=backend)
+    resumed = FeatureQueue(worker.SIZE, worker.DIM, shard=into_sharded, **kwargs)
+    resumed.load_state_dict(two[0][f"full_{backend}"])
+    whole = FeatureQueue(worker.SIZE, worker.DIM, **kwargs)
+    whole.load_state_dict(two[0][f"whole_at_120_{backend}"])
+    for step in range(120, 160):
+        xs, ys = (torch.cat(t) for t in zip(*worker.batches(step, 2)))
+        if xs.shape[0]:
+            div, excl = worker.COMBOS[step % len(worker.COMBOS)]
+            got = d2sm_divergence(xs, ys, div, exclude_self=excl, queue=resumed, backend=backend)
+            want = d2sm_divergence(xs, ys, div, exclude_self=excl, queue=whole, backend=backend)
+            torch.testing.assert_close(got, want, rtol=RTOL, atol=0, equal_nan=True)
+        resumed.enqueue(xs, ys)
+        whole.enqueue(xs, ys)
+    assert torch.equal(resumed.x_buffer, whole.x_buffer)
+
+
+def test_a_rank_shard_does_not_load_elsewhere(two):
+    shard = two[0]["shard_state_cpu"]
+    assert shard["x_buffer"].shape[0] == math.ceil(worker.SIZE / 2)
+    with pytest.raises(ValueError, match="full_state_dict"):
+        FeatureQueue(worker.SIZE, worker.DIM, dtype=torch.float64, statistics=True).load_state_dict(shard)
+
+
+# -- D2SMLoss(shard_queue=True) under DDP ------------------------------------------------------------
+def test_ddp_gradients_equal_one_process(two):
+    for r in two:
+        assert len(r["grad_error"]) == worker.DDP_STEPS
+        assert max(r["grad_error"]) <= 1e-5  # float32 features
+        for got, want in r["losses"]:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    for a, b in zip(two[0]["losses"], two[1]["losses"]):
+        assert torch.equal(a[0], b[0])  # the same value on every rank
+
+
+def test_ddp_buffer_broadcast_leaves_the_shards_alone(two):
+    """broadcast_buffers=True (the default) and no ddp_ignore_queues: the ranks' shards still
+    differ, and together they are the one-process queue."""
+    assert not torch.equal(two[0]["shard_rows"], two[1]["shard_rows"])
+    full, whole = two[0]["full"], two[0]["whole"]
+    for key in ("write_pointer", "filled"):
+        assert torch.equal(full[key], whole[key]), key
+    for key in ("x_buffer", "y_buffer", "stats.row_sums"):  # float32 networks a few SGD steps apart
+        torch.testing.assert_close(full[key], whole[key], rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_model_checkpoint_loads_in_one_process(two):
+    model = worker.Holder(shard=False)
+    model.load_state_dict(two[0]["model_state"])
+    assert torch.equal(model.crit.queue.x_buffer, two[0]["full"]["x_buffer"])
+    assert torch.equal(model.net[0].weight, two[0]["model_state"]["net.0.weight"])
+
+
+def test_autocast_gradscaler_and_compile(two):
+    for r in two:
+        loss, scaled, plain, unscaled = r["autocast"]
+        assert torch.isfinite(loss) and torch.equal(loss, scaled)
+        torch.testing.assert_close(unscaled, plain, rtol=1e-6, atol=0)  # bf16: the scale is a power of two
+        for compiled, eager, grad_diff in r["compiled"]:
+            assert torch.equal(compiled, eager) and grad_diff == 0.0
+    assert torch.equal(two[0]["autocast"][0], two[1]["autocast"][0])
