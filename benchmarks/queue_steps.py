@@ -15,6 +15,13 @@ Those three torch.mm are timed in the same run, and the table gives step / floor
     python -m benchmarks.queue_steps --device cuda --n 256 --dim 1280 --sizes 1048576 --dtype bfloat16
 
 Writes queue_steps_<device>.json and .md (a table) under --out, and prints the table.
+
+``--world 1 2``: the sharded queue (docs/DESIGN.md §3.7) on W gloo processes of one thread each,
+for every W given, in one run: the same global batch (--n rows, split over the ranks) and queue
+size; per-rank step time (the slowest rank's, per step) and the bytes each rank sends per step,
+counted at the collectives. Writes queue_world.json and .md.
+
+    python -m benchmarks.queue_steps --world 1 2 --n 128 --sizes 65472 --out out/queue
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -100,6 +108,113 @@ def floor_fn(queue, n: int, device: str, dtype: torch.dtype):
     return floor
 
 
+# -- the sharded queue on W processes (--world) -------------------------------------------------------
+def _sharded_queue(size: int, dim: int, dtype: torch.dtype):
+    """A full sharded queue of random rows (this rank's shard) with placeholder statistics (the step
+    time does not depend on their values; tests/test_sharded_queue.py checks exactness)."""
+    queue = d2sm_ext.FeatureQueue(size, dim, dtype=dtype, statistics=True, shard=True)
+    g = torch.Generator().manual_seed(10 + (queue.layout.rank if queue.sharded else 0))
+    with torch.no_grad():
+        rows = queue.x_buffer.shape[0]
+        queue.x_buffer.copy_(torch.randn(rows, dim, generator=g).to(dtype))
+        queue.y_buffer.copy_(queue.x_buffer + 0.7 * torch.randn(rows, dim, generator=g).to(dtype))
+        queue.filled.fill_(size)
+        queue.stats.row_inv_norms[0] = queue_stats.inverse_norms(queue.x_buffer)
+        queue.stats.row_inv_norms[1] = queue_stats.inverse_norms(queue.y_buffer)
+        queue.stats.row_sums[:2] = 0.5 * (size - 1)
+        queue.stats.row_sums[2:] = 1e-3 * size
+    return queue
+
+
+def _world_worker(rank: int, world: int, init_file: str, out: str, size: int, n: int, dim: int, dtype_name: str,
+                  reps: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    sent = [0]
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "broadcast")}
+
+    def counting(name):
+        def call(tensor_or_list, *args, **kwargs):
+            t = args[0] if name == "all_gather" else tensor_or_list  # what this rank puts in
+            sent[0] += t.numel() * t.element_size()
+            return originals[name](tensor_or_list, *args, **kwargs)
+        return call
+
+    try:
+        dtype = getattr(torch, dtype_name)
+        queue = _sharded_queue(size, dim, dtype)
+        local = n // world + (1 if rank < n % world else 0)  # the global batch of n rows, split
+        g = torch.Generator().manual_seed(100 + rank)
+        x0 = torch.randn(local, dim, generator=g).to(dtype)
+        y0 = x0 + 0.7 * torch.randn(local, dim, generator=g).to(dtype)
+
+        def step():
+            x = x0.clone().requires_grad_(True)
+            d2sm_ext.d2sm_divergence(x, y0, queue=queue).backward()
+            queue.enqueue_last_batch()
+        for name in originals:
+            setattr(dist, name, counting(name))
+        times, sent_per_step = [], []
+        for i in range(reps + 1):  # + 1: the warm-up step
+            dist.barrier()
+            before, t = sent[0], time.perf_counter()
+            step()
+            elapsed = torch.tensor([(time.perf_counter() - t) * 1e3])
+            sent_per_step.append(sent[0] - before)
+            originals["all_reduce"](elapsed, op=dist.ReduceOp.MAX)  # the step lasts as long as its slowest rank
+            if i:
+                times.append(float(elapsed))
+        for name, original in originals.items():
+            setattr(dist, name, original)
+        stored = queue.x_buffer.shape[0]
+        if rank == 0:
+            with open(os.path.join(out, f"world{world}.json"), "w") as f:
+                json.dump(dict(world=world, stored_rows=stored, rows_per_rank=local,
+                               queue_mib=2 * stored * dim * queue.x_buffer.element_size() / 2 ** 20,
+                               step=summarize(times), bytes_sent=int(statistics.median(sent_per_step[1:]))), f)
+    finally:
+        dist.destroy_process_group()
+
+
+def world_main(args) -> int:
+    """Per-rank step time and bytes sent at each --world W, the same global batch and queue."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    size, n, dim = args.sizes[0], args.n, args.dim
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for world in args.world:
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_world_worker, args=(world, os.path.join(tmp, "init"), tmp, size, n, dim, args.dtype, args.reps),
+                     nprocs=world, join=True)
+            with open(os.path.join(tmp, f"world{world}.json")) as f:
+                rows.append(json.load(f))
+        print(json.dumps(rows[-1]), flush=True)
+    base = next((r["step"]["median"] for r in rows if r["world"] == 1), None)
+    lines = [f"Sharded queue on W gloo processes (one thread each; {platform.processor() or platform.machine()}), "
+             f"torch {torch.__version__}: global batch N={n}, q={size:,}, d={dim}, {args.dtype}, kl, loss + backward "
+             f"+ enqueue_last_batch; per-rank step = the slowest rank's, median ms (p20–p80) of {args.reps} steps", "",
+             "| W | rows stored per rank | queue MiB per rank | live rows per rank | step: ms | vs W=1 | "
+             "bytes sent per rank and step |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        step = r["step"]
+        ratio = "—" if base is None else f"{step['median'] / base:.2f}×"
+        lines.append(f"| {r['world']} | {r['stored_rows']:,} | {r['queue_mib']:.0f} | {r['rows_per_rank']} | "
+                     f"{step['median']:.1f} ({step['p20']:.1f}–{step['p80']:.1f}) | {ratio} | {r['bytes_sent']:,} |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(args.out, "queue_world.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "queue_world.json"), "w") as f:
+        json.dump(dict(torch=torch.__version__, q=size, n=n, dim=dim, dtype=args.dtype, rows=rows), f, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -115,7 +230,11 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=60.0, help="seconds per cell (timing)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--out", default="out/queue")
+    parser.add_argument("--world", type=int, nargs="+",
+                        help="the sharded queue on W gloo processes (CPU), for each W given (first --sizes only)")
     args = parser.parse_args(argv)
+    if args.world:
+        return world_main(args)
     dtype = getattr(torch, args.dtype)
     os.makedirs(args.out, exist_ok=True)
     rows = []
