@@ -13,10 +13,12 @@
 //   3. O(M·d): the remaining gradient terms and the normalisation backward (§3.3).
 //
 // Memory: O(M) statistics, the R×M panels (R from a budget: 64 MiB on CPU, 256 MiB on CUDA;
-// D2SM_PANEL_MB), with fp16/bf16 inputs on CUDA an fp32 copy of the rows for the O(M·d) steps,
-// and the O(N·d) gradients. Precision (§4): GEMMs in the input dtype (fp64; fp32, TF32 on CUDA
-// only when the op's `tf32` flag says so; fp16/bf16 with fp32 output on CUDA; half inputs on CPU
-// in fp32), everything else in the compute dtype. Deterministic for a given thread count.
+// D2SM_PANEL_MB), with fp16/bf16 inputs on CUDA an fp32 copy of the live rows (the memory rows
+// are read in half: the O(M·d) steps convert chunks within the same budget, the GEMMs take them
+// as they are), and the O(N·d) gradients. Precision (§4): GEMMs in the input dtype (fp64; fp32,
+// TF32 on CUDA only when the op's `tf32` flag says so; fp16/bf16 with fp32 output on CUDA; half
+// inputs on CPU in fp32), everything else in the compute dtype. Deterministic for a given thread
+// count.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 
@@ -66,6 +68,16 @@ static Tensor as3d(const Tensor& t, at::ScalarType dtype) {
   return u.to(dtype).contiguous();
 }
 
+// Half GEMM operands (fp16/bf16 with fp32 output): on CUDA (tensor cores); on CPU only under
+// D2SM_CPU_HALF_GEMM=1, a test switch that runs the CUDA layout of the half path on CPU (the CPU
+// has no such GEMM: emulated_half_product) so that the tests exercise it without a GPU.
+static bool half_gemm_operands(const Tensor& t) {
+  // parsed on every call, whatever the dtype: a bad value raises (env.h)
+  const bool cpu_switch = env::choice("D2SM_CPU_HALF_GEMM", {"0", "1"}, "0") == "1";
+  if (t.scalar_type() != at::kHalf && t.scalar_type() != at::kBFloat16) return false;
+  return t.is_cuda() || (t.is_cpu() && cpu_switch);
+}
+
 static Problem prepare(const Tensor& x, const Tensor& y, const std::optional<Tensor>& xm,
                        const std::optional<Tensor>& ym) {
   TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "x must be (M, d) or (B, M, d), got ", x.sizes());
@@ -76,22 +88,25 @@ static Problem prepare(const Tensor& x, const Tensor& y, const std::optional<Ten
   Problem p;
   const at::ScalarType in = x.scalar_type();
   p.dtype = in == at::kDouble ? at::kDouble : at::kFloat;
-  const bool half_mm = x.is_cuda() && (in == at::kHalf || in == at::kBFloat16);
+  const bool half_mm = half_gemm_operands(x);
   p.mm_dtype = half_mm ? in : p.dtype;
-  auto load = [&](const Tensor& t, Tensor& compute, Tensor& mm) {
+  // With half GEMM operands only the live rows get an fp32 copy (the gradient finish reads them
+  // row by row); the memory rows stay as given, and the O(M·d) steps read them in bounded fp32
+  // chunks (for_each_chunk): 2·Q·d·4 bytes not allocated per call (docs/DESIGN.md §3.5).
+  auto load = [&](const Tensor& t, Tensor& compute, Tensor& mm, bool memory) {
     mm = as3d(t, p.mm_dtype);
-    compute = half_mm ? mm.to(p.dtype) : mm;
+    compute = half_mm && !memory ? mm.to(p.dtype) : mm;
   };
-  load(x, p.x, p.x_mm);
-  load(y, p.y, p.y_mm);
+  load(x, p.x, p.x_mm, false);
+  load(y, p.y, p.y_mm, false);
   p.B = p.x.size(0);
   p.N = p.x.size(1);
   p.D = p.x.size(2);
   p.Q = 0;
   if (xm.has_value() && xm->numel() > 0) {
     TORCH_CHECK(xm->device() == x.device() && ym->device() == x.device(), "memory rows must be on x's device");
-    load(*xm, p.xm, p.xm_mm);
-    load(*ym, p.ym, p.ym_mm);
+    load(*xm, p.xm, p.xm_mm, true);
+    load(*ym, p.ym, p.ym_mm, true);
     TORCH_CHECK(p.xm.size(0) == p.B && p.xm.size(2) == p.D && p.xm.sizes() == p.ym.sizes(),
                 "memory rows must be (Q, d) or (B, Q, d) matching x");
     p.Q = p.xm.size(1);
@@ -109,6 +124,26 @@ Tensor segment(const Problem& p, bool is_y, bool memory) {
 static Tensor mm_segment(const Problem& p, bool is_y, bool memory) {
   if (memory) return is_y ? p.ym_mm : p.xm_mm;
   return is_y ? p.y_mm : p.x_mm;
+}
+
+// fn(rows, j0) over a segment's rows in the compute dtype, (B, n, d) starting at row j0: the
+// segment itself when it is stored in the compute dtype (one call, no copy), else consecutive
+// chunks converted to it (memory rows kept in fp16/bf16: each chunk's fp32 copy is at most the
+// panel budget, D2SM_PANEL_MB, and lives only during its call). The conversion is exact, so a
+// per-row result is the same number as from a whole copy; a sum over rows adds the chunks'
+// partial sums in chunk order (deterministic).
+template <typename Fn>
+static void for_each_chunk(const Problem& p, bool is_y, bool memory, Fn&& fn) {
+  const Tensor rows = segment(p, is_y, memory);
+  if (rows.scalar_type() == p.dtype) {
+    fn(rows, int64_t(0));
+    return;
+  }
+  const int64_t row_bytes = std::max<int64_t>(p.B * p.D * int64_t(c10::elementSize(p.dtype)), 1);
+  const int64_t n = std::max<int64_t>(panel_budget_bytes(rows.is_cuda()) / row_bytes, 1);
+  for (int64_t j0 = 0; j0 < rows.size(1); j0 += n) {
+    fn(rows.narrow(1, j0, std::min(n, rows.size(1) - j0)).to(p.dtype).contiguous(), j0);
+  }
 }
 
 // cuBLAS form of one operand: the matrix P (rows × cols) whose (i, j) element is at i·s_row + j·s_col,
@@ -175,13 +210,35 @@ void gemm_by_layout(const Tensor& out, const Tensor& a, const Tensor& b) {
   }
 }
 
+// D2SM_CPU_HALF_GEMM (tests): out = a·b for fp16/bf16 operands into fp32 `out` on CPU, where ATen
+// has no such GEMM (bmm's out_dtype form is CUDA-only). Computed as cuBLAS's CUBLAS_COMPUTE_32F
+// does (a product of two half values is exact in fp32; sums in fp32), up to the order of the
+// sums: the operands are converted in blocks of the inner dimension, each block's fp32 copy within
+// the CPU panel budget, so that the switch keeps the memory the half path saves.
+static void emulated_half_product(Tensor out, const Tensor& a, const Tensor& b) {
+  const int64_t K = a.size(2);
+  if (K == 0) {
+    out.zero_();
+    return;
+  }
+  const int64_t k_bytes = std::max<int64_t>((a.size(0) * a.size(1) + b.size(0) * b.size(2)) * 4, 1);
+  const int64_t kc = std::clamp<int64_t>(panel_budget_bytes(false) / k_bytes, 1, K);
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    const int64_t nk = std::min(kc, K - k0);
+    const Tensor part = at::bmm(a.narrow(2, k0, nk).to(out.scalar_type()), b.narrow(1, k0, nk).to(out.scalar_type()));
+    if (k0 == 0) out.copy_(part);
+    else out.add_(part);
+  }
+}
+
 // out = a·b (batched) into fp32/fp64 `out` (a strided view is fine: BLAS and cuBLAS write it with
-// ldc = M). Half operands (CUDA only) produce fp32 directly. fp32 operands on a device with an
-// fp32_gemm (CUDA) use it with an explicit TF32 choice; the rest is ATen, IEEE under the ops'
-// NoTF32Guard (docs/DESIGN.md §4).
+// ldc = M). Half operands (CUDA; CPU under the test switch) produce fp32 directly. fp32 operands on
+// a device with an fp32_gemm (CUDA) use it with an explicit TF32 choice; the rest is ATen, IEEE
+// under the ops' NoTF32Guard (docs/DESIGN.md §4).
 static void product_into(Tensor out, const Tensor& a, const Tensor& b, bool tf32) {
   if (a.scalar_type() != out.scalar_type()) {
-    at::bmm_out(out, a, b, out.scalar_type());
+    if (out.is_cpu()) emulated_half_product(out, a, b);
+    else at::bmm_out(out, a, b, out.scalar_type());
     return;
   }
   if (out.scalar_type() == at::kFloat) {
@@ -214,7 +271,8 @@ static void mm_into(Tensor out, const Tensor& a, const Tensor& b, const Problem&
 // the power of two of its largest |entry| (exact) before squaring, and the result by it after,
 // so rows whose squared norm overflows (float32 entries ≳ 2e19) or underflows get their true
 // value and every other row gets bitwise the unscaled one. reference.inverse_norms is the
-// same rule (docs/DESIGN.md §2.1).
+// same rule (docs/DESIGN.md §2.1). Memory rows kept in half: chunk by chunk (for_each_chunk), the
+// same numbers.
 static Tensor inv_norms(const Problem& p, bool is_y) {
   auto one = [](const Tensor& t) {
     const Tensor peak = t.abs().amax({-1});
@@ -228,22 +286,32 @@ static Tensor inv_norms(const Problem& p, bool is_y) {
     const Tensor as_zero = (n == 0).logical_or(at::isinf(inv).logical_and(at::isfinite(scale)));
     return at::where(as_zero, at::zeros_like(inv), inv);
   };
-  Tensor r = one(segment(p, is_y, false));
-  if (p.Q) r = at::cat({r, one(segment(p, is_y, true))}, 1);
-  return r.contiguous();
+  std::vector<Tensor> parts{one(segment(p, is_y, false))};
+  if (p.Q) for_each_chunk(p, is_y, true, [&](const Tensor& rows, int64_t) { parts.push_back(one(rows)); });
+  return (parts.size() == 1 ? parts[0] : at::cat(parts, 1)).contiguous();
 }
 
-// Σ_j weights[b, j] · row_j over both segments: (B, d).
+// Σ_j weights[b, j] · row_j over both segments: (B, d); memory rows kept in half add their chunks'
+// fp32 partial sums in order.
 static Tensor weighted_rows(const Problem& p, bool is_y, const Tensor& weights) {
   Tensor out = ieee_product(weights.narrow(1, 0, p.N).unsqueeze(1), segment(p, is_y, false)).squeeze(1);
-  if (p.Q) out = out + ieee_product(weights.narrow(1, p.N, p.Q).unsqueeze(1), segment(p, is_y, true)).squeeze(1);
+  if (p.Q) {
+    for_each_chunk(p, is_y, true, [&](const Tensor& rows, int64_t j0) {
+      out = out + ieee_product(weights.narrow(1, p.N + j0, rows.size(1)).unsqueeze(1), rows).squeeze(1);
+    });
+  }
   return out;
 }
 
 // Closed-form A_i (docs/DESIGN.md §3.1); eps is added last so that it is not rounded away.
 static Tensor normalisers(const Problem& p, bool is_y, const Tensor& r, const Tensor& s, bool exclude_self, double eps) {
-  Tensor dots = ieee_product(segment(p, is_y, false), s.unsqueeze(2)).squeeze(2);
-  if (p.Q) dots = at::cat({dots, ieee_product(segment(p, is_y, true), s.unsqueeze(2)).squeeze(2)}, 1);
+  std::vector<Tensor> parts{ieee_product(segment(p, is_y, false), s.unsqueeze(2)).squeeze(2)};
+  if (p.Q) {
+    for_each_chunk(p, is_y, true, [&](const Tensor& rows, int64_t) {
+      parts.push_back(ieee_product(rows, s.unsqueeze(2)).squeeze(2));
+    });
+  }
+  Tensor dots = parts.size() == 1 ? parts[0] : at::cat(parts, 1);
   const double n_neigh = exclude_self ? double(p.M - 1) : double(p.M);
   Tensor half_sum = 0.5 * n_neigh + 0.5 * dots * r;
   if (exclude_self) half_sum = half_sum - 0.5 * (r > 0).to(half_sum.scalar_type());
@@ -395,7 +463,9 @@ static std::tuple<Tensor, Tensor> gradients(const Problem& p, const RowStats& st
                                             bool exclude_self, double eps, bool need_gx, bool need_gy,
                                             bool want_stats, const Tensor& pu, const Tensor& qv, Tensor* stats_out) {
   const DeviceKernels& kernels = device_kernels(p.x.device().type());
-  const bool own = kernels.own_pass && kernels.use_own_pass(p, want_stats);
+  // A device's own pass (the CPU's symmetric blocks) takes every row in the compute dtype: with
+  // half GEMM operands (the CPU test switch) the panel pass runs, as on CUDA.
+  const bool own = kernels.own_pass && p.mm_dtype == p.dtype && kernels.use_own_pass(p, want_stats);
   auto buffer = [&](bool needed) { return needed ? at::empty({p.B, p.N, p.D}, p.x.options()) : Tensor(); };
   Tensor gx = buffer(need_gx), gy = buffer(need_gy);
   Tensor stats = own ? kernels.own_pass(p, st, w, div, exclude_self, eps, want_stats, gx, gy)
@@ -497,8 +567,11 @@ std::tuple<Tensor, Tensor> fused_backward(const Tensor& x, const Tensor& y, cons
 // rows the next enqueue evicts share it), then the device's cross epilogue once per row group
 // (rows before row_split, the rest). Chunks: the two R×chunk panels within the panel budget
 // (D2SM_PANEL_MB); keep_gram: one chunk of all C columns (the caller decided it fits,
-// sizing.keep_gram), returned. GEMMs in the compute dtype with IEEE fp32 on CUDA (an added and a
-// later subtracted pair term must be the same number).
+// sizing.keep_gram), returned in the compute dtype. GEMMs: rows and columns all fp16 (or all
+// bf16) on CUDA are half operands with fp32 output, so the queue is read as stored (no fp32 copy
+// of it); otherwise the compute dtype, IEEE fp32 on CUDA, the columns converted chunk by chunk
+// when they are not stored so. Either way a pair term is a function of the two stored rows only,
+// so an added and a later subtracted term are the same number.
 std::tuple<Tensor, Tensor, Tensor, Tensor> cross_sums(const Tensor& xr, const Tensor& yr, const Tensor& rxr,
                                                       const Tensor& ryr, const Tensor& xc, const Tensor& yc,
                                                       const Tensor& rxc, const Tensor& ryc, double eps,
@@ -520,20 +593,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_sums(const Tensor& xr, const Te
   auto absent = [&]() { return keep_gram ? at::zeros({R, C}, gram_opts) : at::empty({0}, gram_opts); };
   if (R == 0 || C == 0) return {row_sums, col_sums, absent(), absent()};
   auto prep = [&](const Tensor& t) { return t.to(dtype).contiguous(); };
-  const Tensor xr_ = prep(xr), yr_ = prep(yr), xc_ = prep(xc), yc_ = prep(yc);
+  const bool half = half_gemm_operands(xr) && yr.scalar_type() == xr.scalar_type() &&
+                    xc.scalar_type() == xr.scalar_type() && yc.scalar_type() == xr.scalar_type();
+  auto operand = [&](const Tensor& t) { return half ? t.contiguous() : prep(t); };
+  const Tensor xr_ = operand(xr), yr_ = operand(yr);
   CrossArgs args{prep(rxr), prep(ryr), prep(rxc), prep(ryc), row_weight ? prep(*row_weight) : Tensor(),
                  col_weight ? prep(*col_weight) : Tensor(), eps};
   const CrossEpilogueFn epilogue = device_kernels(xr.device().type()).cross_epilogue;
   TORCH_CHECK(epilogue, "cross_sums: no cross epilogue for device type ", c10::DeviceTypeName(xr.device().type()));
+  // the chunk's two fp32 R×chunk panels within the budget
   const int64_t chunk = keep_gram ? C : std::clamp<int64_t>(
-      panel_budget_bytes(xr.is_cuda()) / std::max<int64_t>(2 * R * xr_.element_size(), 1), 64, C);
+      panel_budget_bytes(xr.is_cuda()) / std::max<int64_t>(2 * R * int64_t(c10::elementSize(dtype)), 1), 64, C);
+  // Raw Gram chunk (R, nc) in the compute dtype. Half operands: fp32 output from the half rows;
+  // else IEEE (ieee_product: explicit on CUDA) on columns in the compute dtype (a view when they
+  // are stored so, else this chunk's copy).
+  auto gram = [&](const Tensor& rows, const Tensor& cols, int64_t c0, int64_t nc) {
+    const Tensor block = operand(cols.narrow(0, c0, nc));
+    if (!half) return ieee_product(rows, block.t());
+    Tensor out = at::empty({R, nc}, gram_opts);
+    product_into(out.unsqueeze(0), rows.unsqueeze(0), block.t().unsqueeze(0), false);
+    return out;
+  };
   Tensor gx, gy;
   for (int64_t c0 = 0; c0 < C; c0 += chunk) {
     const int64_t nc = std::min(chunk, C - c0);
-    // fresh products, not a reused buffer: measured ~25% faster on CPU (MKL, 64×1280×16320);
-    // IEEE (ieee_product: explicit on CUDA)
-    gx = ieee_product(xr_, xc_.narrow(0, c0, nc).t());
-    gy = ieee_product(yr_, yc_.narrow(0, c0, nc).t());
+    // fresh products, not a reused buffer: measured ~25% faster on CPU (MKL, 64×1280×16320)
+    gx = gram(xr_, xc, c0, nc);
+    gy = gram(yr_, yc, c0, nc);
     for (int group = 0; group < 2; ++group) {
       const int64_t r0 = group == 0 ? 0 : row_split, nr = group == 0 ? row_split : R - row_split;
       if (nr == 0) continue;

@@ -17,9 +17,12 @@ namespace d2sm_ext {
 
 using at::Tensor;
 
-// Inputs as (B, rows, d) tensors. x/y/xm/ym are in the compute dtype (fp32 for fp32 and half
-// inputs, fp64 for fp64) and feed the O(M·d) steps; the *_mm tensors feed the GEMMs: the same
-// tensors, except for fp16/bf16 on CUDA, where they keep the input dtype (tensor cores).
+// Inputs as (B, rows, d) tensors. The *_mm tensors feed the GEMMs: in the compute dtype (fp32
+// for fp32 and half inputs, fp64 for fp64), except for fp16/bf16 on CUDA (and on CPU under the
+// test switch D2SM_CPU_HALF_GEMM=1), where they keep the input dtype (tensor cores, fp32 output).
+// x/y/xm/ym feed the O(M·d) steps and the finish: x/y in the compute dtype (with half GEMMs, the
+// live rows' one fp32 copy); xm/ym the same tensors as xm_mm/ym_mm, hence half with half GEMMs:
+// the O(M·d) steps read them in fp32 chunks (driver.cpp for_each_chunk), never a whole copy.
 struct Problem {
   Tensor x, y, xm, ym;  // xm/ym undefined when there are no memory rows
   Tensor x_mm, y_mm, xm_mm, ym_mm;

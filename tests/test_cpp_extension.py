@@ -128,6 +128,7 @@ def test_pass_choice(monkeypatch):
     ("D2SM_PANEL_MB", "-5", "D2SM_PANEL_MB must be a number > 0"),
     ("D2SM_PANEL_MB", "nan", "D2SM_PANEL_MB must be a number > 0"),
     ("D2SM_CPU_PASS", "Symmetric", "D2SM_CPU_PASS must be one of auto, symmetric, panel"),
+    ("D2SM_CPU_HALF_GEMM", "yes", "D2SM_CPU_HALF_GEMM must be one of 0, 1, got 'yes'"),
 ])
 def test_bad_environment_values_raise_with_the_name(name, value, message, monkeypatch):
     """The C++ side parses its variables strictly (csrc/env.h): junk never becomes 0 or 1 rows."""

@@ -1,12 +1,18 @@
 """The CUDA path's host-side decisions, checked on CPU (issue 20, "GPU readiness without a GPU";
 docs/DESIGN.md §3.5, §4): the cuBLAS arguments of the fp32 GEMMs with an explicit TF32 choice,
 the precision flag the Python side passes for every PyTorch setting, and that the CPU path ignores
-that flag. What needs a card runs in tests/test_cuda_on_gpu.py."""
+that flag, and the fp16/bf16 path that reads the memory rows in half (run on CPU under
+D2SM_CPU_HALF_GEMM=1). What needs a card runs in tests/test_cuda_on_gpu.py."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from d2sm_ext import fused_op
+import d2sm_ext
+from backend_cases import assert_f32_close, low_precision_bound, make_inputs, max_err, reference64
+from benchmarks.common import peak_memory_bytes
+from d2sm_ext import FeatureQueue, fused_op, queue_stats
 from d2sm_ext.backends import cpp_backend
+from d2sm_ext.reference import dense_divergence
 
 needs_extension = pytest.mark.skipif(cpp_backend.LOAD_ERROR is not None, reason=f"{cpp_backend.LOAD_ERROR}")
 
@@ -208,3 +214,161 @@ def test_cpp_fp16_operand_is_bit_identical_and_in_place():
     want16 = (w * want_scale.unsqueeze(2)).to(torch.float16)
     assert w16.dtype == torch.float16 and torch.equal(_bits(w16), _bits(want16))
     assert torch.equal(_bits(panel), _bits(w * want_scale.unsqueeze(2)))
+
+
+# --- item 4: fp16/bf16 inputs without an fp32 copy of the memory rows ----------------------------
+# The CUDA layout of the half path (half GEMM operands with fp32 output, only the live rows copied
+# to fp32, the memory rows' O(M·d) steps in fp32 chunks; docs/DESIGN.md §3.5) run on CPU by the
+# test switch D2SM_CPU_HALF_GEMM=1 (the half GEMMs emulated in fp32, block by block).
+
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def cpu_half_path(monkeypatch):
+    monkeypatch.setenv("D2SM_CPU_HALF_GEMM", "1")
+    monkeypatch.setenv("D2SM_PANEL_MB", "0.01")  # memory rows in chunks of 54 rows, several panels
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("div", ["kl", "js"])
+@pytest.mark.parametrize("red", ["mean", "none"])
+def test_half_path_meets_the_half_contract(dtype, div, red, cpu_half_path):
+    """Half features with 150 memory rows (3 chunks) through the half path, forward and (for
+    "none") the separate backward: the op's value (fp32, before the cast to the input dtype)
+    equals the float64 reference on the same features within the float32 tolerance (the Gram
+    products of half values are exact in fp32, everything else is fp32); the value in the input
+    dtype and the gradients within the 2× rule of the plain dense formula in that dtype (W' is
+    rounded to the half dtype for the gradient product, docs/DESIGN.md §4)."""
+    x, y, mem = make_inputs((2, 30, 24), 150, "cpu", dtype=dtype)
+    upstream = None if red == "mean" else torch.randn(2, 180, generator=torch.Generator().manual_seed(4))
+    out = d2sm_ext.d2sm_divergence(x, y, div, True, red, backend="cpu", x_memory=mem[0], y_memory=mem[1])
+    up = torch.full_like(out, 2.0) if upstream is None else upstream
+    gx, gy = torch.autograd.grad(out, (x, y), up)
+    assert gx.dtype == gy.dtype == dtype
+    want, wgx, wgy = reference64(x, y, mem, div, True, red, upstream)
+    op_value = torch.ops.d2sm_ext.fused_forward(x.detach(), y.detach(), *mem, div, True, 1e-8, False, red, False,
+                                                False)[0]
+    assert op_value.dtype == torch.float32
+    assert_f32_close(op_value, want, "op value")
+    xl, yl = x.detach().clone().requires_grad_(True), y.detach().clone().requires_grad_(True)
+    plain = dense_divergence(xl, yl, div, True, red, 1e-8, *mem)
+    pgx, pgy = torch.autograd.grad(plain, (xl, yl), up.to(plain.dtype))
+    for name, got, base, truth in (("value", out, plain, want), ("grad x", gx, pgx, wgx), ("grad y", gy, pgy, wgy)):
+        assert max_err(got, truth) <= low_precision_bound(truth, base), name
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_path_row_statistics_are_the_fp32_copys(dtype, cpu_half_path, monkeypatch):
+    """The memory rows' O(M·d) steps read in chunks give the numbers of the whole fp32 copy (the
+    CPU's own path): the inverse norms bit for bit (one row at a time, an exact conversion), the
+    normalisers, ū and v̄ to fp32 rounding (s is summed chunk by chunk)."""
+    x, y, mem = make_inputs((2, 30, 24), 150, "cpu", dtype=dtype)
+    x, y = x.detach(), y.detach()
+    args = ("kl", True, 1e-8, False, "none", False, False)
+    _, half_saved, _, _ = torch.ops.d2sm_ext.fused_forward(x, y, *mem, *args)
+    monkeypatch.setenv("D2SM_CPU_HALF_GEMM", "0")
+    _, saved, _, _ = torch.ops.d2sm_ext.fused_forward(x, y, *mem, *args)
+    assert torch.equal(half_saved[:2], saved[:2])
+    torch.testing.assert_close(half_saved[2:], saved[2:], rtol=1e-5, atol=1e-6)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_queue_through_the_half_path(dtype, cpu_half_path):
+    """A queue stored in half with statistics, half features: the loss (cross sums on half
+    operands, the queue backward) equals the float64 reference of the full pass over
+    queue.memory() within the 2× rule of the plain dense formula in that dtype (the value comes
+    back in the input dtype)."""
+    g = torch.Generator().manual_seed(7)
+    q = FeatureQueue(200, 24, dtype=dtype, statistics=True, backend="cpu")
+    for _ in range(5):
+        xq = torch.randn(40, 24, generator=g)
+        q.enqueue(xq.to(dtype), (xq + 0.7 * torch.randn(40, 24, generator=g)).to(dtype))
+    x0 = torch.randn(12, 24, generator=g)
+    y0 = (x0 + 0.7 * torch.randn(12, 24, generator=g)).to(dtype)
+    x = x0.to(dtype).requires_grad_(True)
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "d2sm_ext":  # the op and the dtypes of its row operands
+                seen.append((func.__name__.split(".")[0], {a.dtype for a in args[:6] if a.ndim == 2}))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        out = d2sm_ext.d2sm_divergence(x, y0, queue=q, backend="cpu")
+        (gx,) = torch.autograd.grad(out * 2.0, x)
+    # the statistics path, its ops given the half rows and the half queue as they are
+    assert [name for name, _ in seen] == ["cross_sums", "queue_backward"] and seen[0][1] == {dtype}, seen
+    mem = q.memory()
+    want, wgx, _ = reference64(x, y0, mem, "kl", True, "mean")
+    xl = x.detach().clone().requires_grad_(True)
+    plain = dense_divergence(xl, y0, "kl", True, "mean", 1e-8, *mem)
+    (pgx,) = torch.autograd.grad(plain * 2.0, xl)
+    assert max_err(out, want) <= low_precision_bound(want, plain)
+    assert max_err(gx, wgx) <= low_precision_bound(wgx, pgx)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("keep_gram", [False, True])
+def test_cross_sums_on_half_operands(dtype, keep_gram, cpu_half_path):
+    """The cross sums of half rows against a half queue (GEMMs on the half operands, fp32
+    output; 0.01 MiB: chunks of 64 columns) against float64 on the same values, and the kept Gram
+    blocks in fp32."""
+    g = torch.Generator().manual_seed(3)
+    xr, yr, xc, yc = (torch.randn(n, 33, generator=g).to(dtype) for n in (70, 70, 300, 300))
+    wr, wc = torch.rand(70, generator=g) - 0.3, torch.rand(300, generator=g)
+    norms = [queue_stats.inverse_norms(t.float()) for t in (xr, yr, xc, yc)]
+    d = [t.double() for t in (xr, yr, norms[0], norms[1], xc, yc, norms[2], norms[3])]
+    terms = queue_stats.pair_terms(d[0] @ d[4].T, d[1] @ d[5].T, d[2], d[3], d[6], d[7], 1e-8)
+    rows, cols, gram_x, gram_y = torch.ops.d2sm_ext.cross_sums(xr, yr, *norms[:2], xc, yc, *norms[2:], 1e-8, wr, wc,
+                                                               25, keep_gram)
+    rel = lambda a, b: ((a.double() - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    assert rel(rows, (terms * wc.double()).sum(2)) < 1e-6
+    by_row = terms * wr.double()[:, None]
+    assert rel(cols[0], by_row[:, :25].sum(1)) < 1e-6 and rel(cols[1], by_row[:, 25:].sum(1)) < 1e-6
+    if keep_gram:
+        assert gram_x.dtype == gram_y.dtype == torch.float32
+        assert rel(gram_x, d[0] @ d[4].T) < 1e-6 and rel(gram_y, d[1] @ d[5].T) < 1e-6
+
+
+@needs_extension
+@pytest.mark.parametrize("op", ["fused_backward", "queue_backward"])
+def test_half_path_does_not_copy_the_memory_rows(op, monkeypatch):
+    """Peak memory of one backward call with fp16 rows, N = 8 live and Q = 2^16 memory rows,
+    d = 64 (1 MiB panel budget): the CPU's own path holds an fp32 copy of every row (≥ 2·Q·d·4 =
+    32 MiB); the half path (D2SM_CPU_HALF_GEMM=1) only the live rows' copy, the chunks and the
+    panels: less than half of that."""
+    monkeypatch.setenv("D2SM_PANEL_MB", "1")
+    n, q, dim = 8, 1 << 16, 64
+    g = torch.Generator().manual_seed(2)
+    x, y, xm, ym = (torch.randn(m, dim, generator=g).half() for m in (n, n, q, q))
+    r = [d2sm_ext.reference.inverse_norms(torch.cat([a, b]).float()) for a, b in ((x, xm), (y, ym))]
+    half_sum = torch.full((n + q,), (n + q) / 2.0)
+    saved = torch.stack([r[0], r[1], half_sum, half_sum, torch.zeros(n + q), torch.zeros(n + q)]).unsqueeze(1)
+    grad_rows = torch.rand(1, n + q, generator=g)
+    empty = torch.empty(0)
+
+    def call():
+        if op == "fused_backward":
+            return torch.ops.d2sm_ext.fused_backward(x, y, xm, ym, saved, grad_rows, "kl", True, 1e-8, False,
+                                                     True, True)
+        return torch.ops.d2sm_ext.queue_backward(x, y, xm, ym, saved, grad_rows.view(-1), "kl", True, 1e-8, False,
+                                                 True, True, empty, empty)
+
+    copies = 2 * q * dim * 4
+    peaks, grads = {}, {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv("D2SM_CPU_HALF_GEMM", switch)
+        peaks[switch] = peak_memory_bytes(call, "cpu")
+        grads[switch] = call()
+    assert peaks["0"] >= copies, peaks
+    assert peaks["1"] < copies / 2, peaks
+    # the same gradients up to the fp16 rounding of W' (2^-11 relative per weight) in the product
+    for a, b in zip(grads["0"], grads["1"]):
+        assert torch.isfinite(b).all()
+        assert max_err(b, a.double()) <= 1e-2 * a.abs().max().item()
