@@ -30,24 +30,29 @@ def world_and_rank(group=None) -> tuple[int, int]:
 
 
 def global_count(n: int, device, group=None) -> int:
-    """Σ n over the ranks (every rank calls it; read on the host). ``device``: where the group's
-    tensors live (CUDA for NCCL)."""
-    count = torch.tensor([n], dtype=torch.long, device=device)
-    dist.all_reduce(count, group=group)
-    return int(count)
+    """Σ n over the ranks (every rank calls it; read on the host)."""
+    return sum(row[0] for row in all_gather_ints([n], device, group))
 
 
-def all_gather_rows(t: torch.Tensor, group=None) -> tuple[torch.Tensor, list[int]]:
+def all_gather_ints(values: list[int], device, group=None) -> list[list[int]]:
+    """Every rank's list of ints (the same length on every rank), in rank order: one all_gather,
+    read on the host. ``device``: where the group's tensors live (CUDA for NCCL)."""
+    mine = torch.tensor(values, dtype=torch.long, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    return torch.stack(parts).tolist()
+
+
+def all_gather_rows(t: torch.Tensor, group=None, sizes: Optional[list[int]] = None) -> tuple[torch.Tensor, list[int]]:
     """Concatenate every rank's (n_r, ...) rows in rank order; n_r may differ and may be 0.
 
-    Two collectives: the row counts (read on the host — the padding needs them), then the rows
-    padded to the largest count. No gradient flows through the result.
+    Two collectives: the row counts (read on the host — the padding needs them; skipped when the
+    caller gathered them: ``sizes``), then the rows padded to the largest count. No gradient
+    flows through the result.
     """
     world = dist.get_world_size(group)
-    count = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count, group=group)
-    sizes = [int(c) for c in counts]
+    if sizes is None:
+        sizes = [row[0] for row in all_gather_ints([t.shape[0]], t.device, group)]
     padded = t.new_zeros((max(sizes),) + tuple(t.shape[1:]))
     padded[: t.shape[0]] = t.detach()
     parts = [torch.empty_like(padded) for _ in range(world)]

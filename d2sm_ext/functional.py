@@ -189,9 +189,9 @@ def d2sm_divergence(
     """
     view = None
     if queue is not None:
+        if getattr(queue, "sharded", False) is True:
+            return _sharded(x, y, queue, divergence, exclude_self, reduction, eps, backend, precision, x_memory)
         _check_queue(queue, x, x_memory, eps, divergence, reduction)
-        if queue.sharded:
-            return _sharded(x, y, queue, divergence, exclude_self, reduction, eps, backend, precision)
         kept_statistics = queue.statistics_enabled and divergence in queue_stats.DECOMPOSABLE
         view = queue.statistics_view() if kept_statistics else None
         x_memory, y_memory = (view.x, view.y) if view is not None else queue.memory()
@@ -221,16 +221,21 @@ def d2sm_divergence(
 
 
 @torch.compiler.disable  # collectives with host-read sizes: run eagerly, the model around it still compiles
-def _sharded(x, y, queue, divergence, exclude_self, reduction, eps, backend, precision) -> torch.Tensor:
-    """``d2sm_divergence`` with a sharded queue: a collective (docs/DESIGN.md §3.7)."""
+def _sharded(x, y, queue, divergence, exclude_self, reduction, eps, backend, precision, x_memory) -> torch.Tensor:
+    """``d2sm_divergence`` with a sharded queue: a collective (docs/DESIGN.md §3.7). A rank's
+    invalid input is raised on every rank, after the first gather (no rank is left waiting)."""
     view = queue.statistics_view()
-    validate_inputs(x, y, divergence, exclude_self, reduction, eps, view.x, view.y, precision, check_size=False)
-    x, y, xm, ym = promote(x, y, view.x, view.y)
-    x, y = safe_rows(x), safe_rows(y)  # the queue's rows are stored so already
-    view.x, view.y = xm, ym
-    grad = torch.is_grad_enabled()
-    x_all, y_all, offset, need = queue_shard.gather_batch(x, y, (grad and x.requires_grad, grad and y.requires_grad),
-                                                          queue.layout.group)
+    error, need = None, (False, False)
+    try:
+        _check_queue(queue, x, x_memory, eps, divergence, reduction)
+        validate_inputs(x, y, divergence, exclude_self, reduction, eps, view.x, view.y, precision, check_size=False)
+        x, y, view.x, view.y = promote(x, y, view.x, view.y)
+        x, y = safe_rows(x), safe_rows(y)  # the queue's rows are stored so already
+        grad = torch.is_grad_enabled()
+        need = (grad and x.requires_grad, grad and y.requires_grad)
+    except (TypeError, ValueError) as e:
+        error = e
+    x_all, y_all, offset, need = queue_shard.gather_batch(x, y, need, error, view.x.device, queue.layout.group)
     q = len(queue)
     check_sample_size(x_all.shape[0], q, exclude_self)  # the same sizes, hence the same outcome, on every rank
     impl = resolve_backend(backend, x.device.type, x.dtype, float(eps), None, need_queue=True)

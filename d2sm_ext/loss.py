@@ -131,12 +131,14 @@ class D2SMLoss(nn.Module):
             gather_live: under DDP, use every rank's live rows in the sample set (one more
                 all-gather per step); "pooled"/"batch" only.
             shard_queue: under a multi-rank process group (initialised before the loss is
-                built), store the queue across the ranks: each rank holds ⌈queue_size/W⌉ rows,
-                the sample set is every rank's live rows and the whole queue (as gather_live),
-                the value is the same on every rank and DDP's averaged gradient is the
-                single-process one (docs/DESIGN.md §3.7). kl, reverse_kl, symmetric_kl;
-                queue_size > 0. Checkpoints: ``d2sm_ext.distributed.full_state_dict(model)``
-                (every rank) resumes on any world size; ``state_dict()`` is the rank's shard.
+                built; otherwise the first call raises), store the queue across the ranks: each
+                rank holds at most ⌈queue_size/W⌉ rows, the sample set is every rank's live rows
+                and the whole queue (as gather_live), the value is the same on every rank and
+                DDP's averaged gradient is the single-process one (docs/DESIGN.md §3.7). Every
+                call is a collective, in evaluation mode too (validate on every rank). kl,
+                reverse_kl, symmetric_kl; queue_size > 0. Checkpoints:
+                ``d2sm_ext.distributed.full_state_dict(model)`` (every rank) resumes on any world
+                size; ``state_dict()`` is the rank's shard.
 
         Raises ValueError for a setting that cannot work, before any image is seen.
         """

@@ -43,7 +43,9 @@ from .queue_stats import EnqueuePlan, QueueStatistics, QueueView, SlotLayout, fi
 from .reference import compute_dtype, safe_rows
 from .registry import resolve_backend
 
-ROW_STATE = ("x_buffer", "y_buffer", "stats.row_sums", "stats.row_inv_norms")  # (key, slot dim): 0, 0, 1, 1
+# The state entries with one entry per slot, and the dimension that runs over the slots (what a
+# sharded queue re-splits when it loads a whole queue's state).
+SLOT_STATE = {"x_buffer": 0, "y_buffer": 0, "stats.row_sums": 1, "stats.row_inv_norms": 1}
 
 
 class FeatureQueue(dist_helpers.RankLocalState):
@@ -96,6 +98,7 @@ class FeatureQueue(dist_helpers.RankLocalState):
         self.dim = dim
         self.backend = backend
         self.layout: SlotLayout = SlotLayout()
+        self._shard_requested, self._group = shard, group
         stored = size
         if shard and dist_helpers.active(group):
             world, rank = dist_helpers.world_and_rank(group)
@@ -191,12 +194,15 @@ class FeatureQueue(dist_helpers.RankLocalState):
                              f"sharded over {saved['world']} ranks and cannot load into {into}: save the whole "
                              f"queue with full_state_dict() (a collective; d2sm_ext.distributed.full_state_dict "
                              f"for a whole model), which loads into any world size")
+        rows = state_dict.get(prefix + "x_buffer")
+        if rows is not None and rows.shape[0] != self.size:  # (the same on every rank: no rank loads alone)
+            raise ValueError(f"this checkpoint holds a queue of {rows.shape[0]} slots; this sharded queue has "
+                             f"{self.size}")
         world, rank = self.layout.world, self.layout.rank
-        for name in ROW_STATE:
+        for name, dim in SLOT_STATE.items():
             key = prefix + name
             if key in state_dict:
-                t = state_dict[key]
-                state_dict[key] = t[rank::world] if name in ("x_buffer", "y_buffer") else t[:, rank::world]
+                state_dict[key] = state_dict[key][rank::world] if dim == 0 else state_dict[key][:, rank::world]
 
     @staticmethod
     def _after_load(module: "FeatureQueue", incompatible_keys) -> None:
@@ -250,7 +256,7 @@ class FeatureQueue(dist_helpers.RankLocalState):
         """Filled rows this process stores (all of them unless sharded)."""
         n = self._filled_count()
         if self.sharded:
-            return queue_shard.stored_count(n, self.layout.world, self.layout.rank)
+            return queue_shard.capacity(n, self.layout.world, self.layout.rank)
         return n
 
     def memory(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,6 +285,7 @@ class FeatureQueue(dist_helpers.RankLocalState):
         """The filled rows, their statistics and the enqueue planner, for the kept-statistics
         loss (``queue_stats.queue_divergence``)."""
         self._require_statistics()
+        self._check_shard()
         xm, ym = self.memory()
         filled = self._filled_count()
 
@@ -288,8 +295,10 @@ class FeatureQueue(dist_helpers.RankLocalState):
             return self._plan(finite)
         return QueueView(xm, ym, self.stats, plan, self.x_buffer.dtype)
 
-    def _plan(self, finite: torch.Tensor) -> EnqueuePlan:
-        """Where an enqueue of N rows with these (N,) finite flags writes; on the device, no sync."""
+    def _plan(self, finite: torch.Tensor, evicts: bool = True) -> EnqueuePlan:
+        """Where an enqueue of N rows with these (N,) finite flags writes; on the device, no sync.
+        ``evicts=False``: the caller knows no row can leave (a sharded queue then needs no
+        collective for the rows the slots hold)."""
         n_valid = finite.sum()
         # Finite rows first, in their original order (stable sort on the "non-finite" flag).
         order = torch.sort((~finite).to(torch.int8), stable=True).indices
@@ -304,10 +313,11 @@ class FeatureQueue(dist_helpers.RankLocalState):
         takes = cand < n_valid - lo
         source = order[torch.clamp(lo + cand, max=finite.shape[0] - 1)]
         evicted = takes & (slots < self.filled)
-        norms = self.stats.row_inv_norms if self.stats is not None else None
-        if norms is None:  # no statistics: the norms are not needed
-            norms = self.x_buffer.new_zeros(2, self.x_buffer.shape[0], dtype=compute_dtype(self.x_buffer.dtype))
-        old_x, old_y, old_rx, old_ry = self.layout.held(slots, self.x_buffer, self.y_buffer, norms)
+        norms = self.stats.row_inv_norms if self.stats is not None else None  # (no statistics: no norms)
+        if self.sharded:
+            old_x, old_y, old_rx, old_ry = self.layout.held(slots, self.x_buffer, self.y_buffer, norms, evicts)
+        else:
+            old_x, old_y, old_rx, old_ry = self.layout.held(slots, self.x_buffer, self.y_buffer, norms)
         return EnqueuePlan(slots, takes, source, evicted, old_x, old_y, old_rx, old_ry, n_valid)
 
     def _check_rows(self, x, y) -> None:
@@ -337,16 +347,16 @@ class FeatureQueue(dist_helpers.RankLocalState):
         distributed: None (default) all-gathers the batch from every rank (rank order) when a
         multi-rank process group is initialised, so all ranks keep identical queues; True/False
         forces it. Every rank must call enqueue (an empty batch is fine). A sharded queue always
-        gathers (over its own group; distributed=False raises).
+        gathers, over the group it was built for (distributed=False or another group raises); a
+        rank's invalid rows make every rank raise.
         """
+        self._check_shard()
+        if self.sharded:
+            self._enqueue_sharded(x, y, distributed, group)
+            return
         self._check_rows(x, y)
         x = x.detach().reshape(-1, self.dim).to(self.x_buffer.dtype)
         y = y.detach().reshape(-1, self.dim).to(self.y_buffer.dtype)
-        if self.sharded:
-            if distributed is False:
-                raise ValueError("a sharded queue holds every rank's rows: its enqueue always gathers them "
-                                 "(distributed=False is not possible)")
-            distributed, group = True, self.layout.group
         if dist_helpers.resolve(distributed, group):
             both, _ = dist_helpers.all_gather_rows(torch.cat([x, y], dim=1), group)
             x, y = both[:, :self.dim], both[:, self.dim:]
@@ -354,6 +364,28 @@ class FeatureQueue(dist_helpers.RankLocalState):
         # the kept sums' Gram products cannot overflow (docs/DESIGN.md §2.1).
         x, y = safe_rows(x), safe_rows(y)
         self._write(x, y, None)
+
+    def _enqueue_sharded(self, x, y, distributed, group) -> None:
+        if distributed is False or (group is not None and group is not self.layout.group):
+            raise ValueError("a sharded queue holds every rank's rows: its enqueue always gathers them over the "
+                             "group it was built for (distributed=False or another group is not possible)")
+        error = None
+        try:
+            self._check_rows(x, y)
+            x = x.detach().reshape(-1, self.dim).to(self.x_buffer.dtype)
+            y = y.detach().reshape(-1, self.dim).to(self.y_buffer.dtype)
+        except (TypeError, ValueError) as e:
+            error = e  # raised after the first gather, on every rank
+        x, y, _, _ = queue_shard.gather_batch(x, y, (False, False), error, self.x_buffer.device, self.layout.group)
+        # the fill count is known on the host (the gather synchronised): no collective for the
+        # rows the slots hold when none can leave
+        self._write(safe_rows(x), safe_rows(y), None, evicts=self._filled_count() + x.shape[0] > self.size)
+
+    def _check_shard(self) -> None:
+        if self._shard_requested and not self.sharded and dist_helpers.active(self._group):
+            raise RuntimeError("this FeatureQueue was built with shard=True before the process group was initialised, "
+                               "so it holds the whole queue on every rank: build it (or the D2SMLoss holding it) after "
+                               "torch.distributed.init_process_group")
 
     @torch.no_grad()
     def enqueue_last_batch(self, distributed: Optional[bool] = None, group=None) -> None:
@@ -366,9 +398,11 @@ class FeatureQueue(dist_helpers.RankLocalState):
         enqueue, reset, load, cast or refresh discards them), when the loss promoted its rows past
         the queue's dtype, or for a queue without statistics. Under torch.distributed (see
         ``enqueue``) the batch is all-gathered and its sums are formed anew: each rank's loss knows
-        only its own rows.
+        only its own rows. A sharded queue communicates nothing here (its loss gathered every
+        rank's rows and sums; ``distributed`` and ``group`` do not apply).
         """
         self._require_statistics()
+        self._check_shard()
         pending = self.stats.take_pending()
         if pending is None:
             raise RuntimeError("enqueue_last_batch: no loss over this queue has left its rows since the queue last "
@@ -379,11 +413,14 @@ class FeatureQueue(dist_helpers.RankLocalState):
         # (a sharded queue's loss gathered every rank's rows and sums: nothing to communicate)
         self._write(pending.x, pending.y, pending)
 
-    def _write(self, x: torch.Tensor, y: torch.Tensor, pending) -> None:
+    def _write(self, x: torch.Tensor, y: torch.Tensor, pending, evicts: bool = True) -> None:
         self._changed()
         if x.shape[0] == 0:
             return
-        plan = pending.plan if pending is not None and pending.plan is not None else self._plan(finite_rows(x, y))
+        if pending is not None and pending.plan is not None:
+            plan = pending.plan
+        else:  # (a pending batch without a plan: its loss knew no row could leave)
+            plan = self._plan(finite_rows(x, y), evicts=evicts and pending is None)
         new_x = torch.where(plan.takes[:, None], x[plan.source], plan.old_x)
         new_y = torch.where(plan.takes[:, None], y[plan.source], plan.old_y)
         if self.stats is not None:

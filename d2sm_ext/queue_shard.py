@@ -18,12 +18,15 @@ keeps its float64 sums over ALL other rows of the global queue. A step moves O(N
 * the enqueue then needs nothing more: every rank holds the entering rows, the evicted rows and
   their sums (the same on every rank), and its stored rows' change.
 
-Collectives used: all_gather and all_reduce (gloo and NCCL both have them), the same sequence on
-every rank (an empty batch joins every one).
+Collectives used: all_gather and all_reduce in a step, broadcast in the (rare) refresh — gloo
+and NCCL have all three — the same sequence on every rank (an empty batch joins every one). A
+rank whose inputs are invalid still joins the first gather and every rank raises there: no rank
+is left waiting in a collective the others never reach.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -33,14 +36,13 @@ from . import fused_op, queue_stats
 from .reference import compute_dtype, output_dtype
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def capacity(size: int, world: int, rank: int) -> int:
-    """Slots of a ``size``-slot queue stored on ``rank`` of ``world``: those s with s mod W = rank."""
+    """Of slots 0 … size − 1, how many ``rank`` of ``world`` stores (those s with s mod W = rank);
+    with ``size`` the fill count: how many filled rows it stores."""
     return max(0, -(-(size - rank) // world))
-
-
-def stored_count(filled: int, world: int, rank: int) -> int:
-    """How many of the first ``filled`` slots (the filled ones) ``rank`` stores."""
-    return capacity(filled, world, rank)
 
 
 class ShardLayout(queue_stats.SlotLayout):
@@ -55,16 +57,19 @@ class ShardLayout(queue_stats.SlotLayout):
     def _local(self, slots: torch.Tensor):
         return slots % self.world == self.rank, torch.div(slots, self.world, rounding_mode="floor")
 
-    def held(self, slots, x_buffer, y_buffer, inv_norms):
+    def held(self, slots, x_buffer, y_buffer, inv_norms, evicts: bool = True):
         """One all-reduce of (K, 2d + 2) in the compute dtype: each candidate slot's row from the rank
-        that stores it, zeros from the others (a sum with zeros is exact)."""
+        that stores it, zeros from the others (a sum with zeros is exact). When no row can be
+        evicted (``evicts=False``) only this rank's slots are written and the rows stored
+        elsewhere are not needed: zeros, no collective."""
         own, local = self._local(slots)
         local = torch.clamp(local, max=max(x_buffer.shape[0] - 1, 0))
         cdt = inv_norms.dtype
         d = x_buffer.shape[1]
         packed = torch.cat([x_buffer[local].to(cdt), y_buffer[local].to(cdt), inv_norms[:, local].T], dim=1)
         packed = torch.where(own[:, None], packed, 0.0)
-        dist.all_reduce(packed, group=self.group)
+        if evicts:
+            dist.all_reduce(packed, group=self.group)
         dtype = x_buffer.dtype
         return packed[:, :d].to(dtype), packed[:, d:2 * d].to(dtype), packed[:, 2 * d], packed[:, 2 * d + 1]
 
@@ -123,7 +128,7 @@ def _gradients(kernels, x_all, y_all, view, totals, finite, norms, grams, weight
     cdt = compute_dtype(x_all.dtype)
     nan = torch.where(finite.all(), 0.0, math.nan)
     if kernels.backward is not None:
-        rows, ubar, vbar = queue_stats.divergence_rows(totals, divergence)
+        _, ubar, vbar = queue_stats.divergence_rows(totals, divergence)
         saved = torch.stack([norms[0], norms[1], totals[0].to(cdt), totals[1].to(cdt), ubar.to(cdt),
                              vbar.to(cdt)])[:, None, :]
         inputs = (x_all, y_all, view.x, view.y, saved, nan)
@@ -159,24 +164,30 @@ def _gradients(kernels, x_all, y_all, view, totals, finite, norms, grams, weight
         return gx, gy
 
 
-def gather_batch(x: torch.Tensor, y: torch.Tensor, need: tuple, group=None):
+def gather_batch(x, y, need: tuple, error: Optional[Exception], device, group=None):
     """Every rank's live rows in rank order, and whether any rank needs each gradient (every rank
-    must join the gradient's all-reduce if one does). Two all_gathers: (rows, need flags) per rank
-    (read on the host: the padding needs them), then the rows padded to the largest count.
-    Returns (x_all, y_all, offset of this rank's rows, need_any)."""
-    world, rank = dist_helpers.world_and_rank(group)
-    meta = torch.tensor([x.shape[0], int(need[0]), int(need[1])], dtype=torch.long, device=x.device)
-    metas = [torch.empty_like(meta) for _ in range(world)]
-    dist.all_gather(metas, meta, group=group)
-    table = torch.stack(metas).tolist()
+    must join the gradient's all-reduce if one does). Two all_gathers: (rows, needs, dtype, valid)
+    per rank, read on the host, then the rows padded to the largest count. ``error``: this rank's
+    validation error (its rows are not gathered); when any rank has one, or the ranks' dtypes
+    differ, every rank raises after the first gather. Returns (x_all, y_all, offset of this
+    rank's rows, need_any)."""
+    rank = dist.get_rank(group)
+    ok = error is None
+    mine = [x.shape[0], int(need[0]), int(need[1]), FLOAT_DTYPES.index(x.dtype), 1] if ok else [0, 0, 0, -1, 0]
+    table = dist_helpers.all_gather_ints(mine, device, group)
+    bad = [r for r, row in enumerate(table) if not row[4]]
+    if bad:
+        if error is not None:
+            raise error
+        raise ValueError(f"rank(s) {bad} called the sharded queue with invalid rows (their error says which); "
+                         f"every rank stops here")
+    if len({row[3] for row in table}) > 1:
+        raise TypeError(f"the ranks' rows have different dtypes {[FLOAT_DTYPES[row[3]] for row in table]}: a "
+                        f"sharded queue gathers them, give every rank the same dtype")
     sizes = [row[0] for row in table]
-    need_any = (any(row[1] for row in table), any(row[2] for row in table))
     d = x.shape[1]
-    padded = x.new_zeros(max(sizes), 2 * d)
-    padded[:x.shape[0]] = torch.cat([x, y], dim=1).detach()
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded, group=group)
-    both = torch.cat([p[:n] for p, n in zip(parts, sizes)])
+    both, _ = dist_helpers.all_gather_rows(torch.cat([x, y], dim=1), group, sizes)
+    need_any = (any(row[1] for row in table), any(row[2] for row in table))
     return both[:, :d], both[:, d:], sum(sizes[:rank]), need_any
 
 
@@ -211,7 +222,7 @@ def sharded_divergence(x, y, x_all, y_all, offset, need, view, layout: ShardLayo
                 if needed:
                     part = part.contiguous()  # one layout on every rank (autograd may return a transposed one)
                     dist.all_reduce(part, group=layout.group)
-                    part = part[offset:offset + n]
+                    part = part[offset:offset + n].clone()  # (not a view keeping N_g × d alive)
                 own.append(part)
             gx, gy = own
         gx, gy = (gx if want_x else empty), (gy if want_y else empty)
@@ -228,7 +239,7 @@ def other_shards(layout: ShardLayout, xm: torch.Tensor, ym: torch.Tensor, filled
     turn; every rank must consume the whole generator)."""
     d = xm.shape[1]
     for src in range(layout.world):
-        rows = stored_count(filled, layout.world, src)
+        rows = capacity(filled, layout.world, src)
         both = torch.cat([xm, ym], dim=1) if src == layout.rank else xm.new_empty(rows, 2 * d)
         dist.broadcast(both, group=layout.group, group_src=src)
         if src != layout.rank:
@@ -255,6 +266,6 @@ def full_state(queue) -> dict:
     return {
         "x_buffer": rows[:, :queue.dim].contiguous(), "y_buffer": rows[:, queue.dim:].contiguous(),
         "write_pointer": queue.write_pointer.clone(), "filled": queue.filled.clone(),
-        "_extra_state": {"statistics": True, "eps": queue.eps},
+        "_extra_state": {k: v for k, v in queue.get_extra_state().items() if k != "shard"},
         "stats.row_sums": sums, "stats.row_inv_norms": norms,
     }

@@ -177,8 +177,8 @@ class EnqueuePlan:
     evicted: torch.Tensor
     old_x: torch.Tensor
     old_y: torch.Tensor
-    old_rx: torch.Tensor  # the held rows' kept inverse norms (compute dtype)
-    old_ry: torch.Tensor
+    old_rx: Optional[torch.Tensor]  # the held rows' kept inverse norms (compute dtype; None without statistics)
+    old_ry: Optional[torch.Tensor]
     n_valid: torch.Tensor  # finite rows of the batch (0-d, on the device)
 
 
@@ -192,7 +192,10 @@ class SlotLayout:
         return torch.arange(n, device=device)
 
     def held(self, slots, x_buffer, y_buffer, inv_norms):
-        """The rows (and kept inverse norms) the candidate ``slots`` hold now, whichever process stores them."""
+        """The rows (and kept inverse norms, None without statistics) the candidate ``slots`` hold
+        now, whichever process stores them."""
+        if inv_norms is None:
+            return x_buffer[slots], y_buffer[slots], None, None
         return x_buffer[slots], y_buffer[slots], inv_norms[0, slots], inv_norms[1, slots]
 
     def targets(self, plan: "EnqueuePlan"):

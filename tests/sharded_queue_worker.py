@@ -163,15 +163,90 @@ def phase_collectives(rank, world, result):
                              "filled": len(queue)}
 
 
+def _raises(fn) -> str:
+    try:
+        fn()
+    except (TypeError, ValueError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+def phase_api(rank, world, result):
+    """Every public method on a sharded queue, and the misuses that must raise on every rank
+    (a rank's invalid input, a whole state of another size) without leaving a rank waiting."""
+    import copy
+
+    def filled_queue(dtype=torch.float64):
+        queue = FeatureQueue(SIZE, DIM, dtype=dtype, statistics=True, shard=True)
+        whole = FeatureQueue(SIZE, DIM, dtype=dtype, statistics=True)
+        for step in range(12):
+            parts = batches(step, world)
+            queue.enqueue(*(t.to(dtype) for t in parts[rank]))
+            whole.enqueue(*(torch.cat(t).to(dtype) for t in zip(*parts)), distributed=False)
+        return queue, whole
+
+    queue, whole = filled_queue()
+    mine = torch.arange(queue.x_buffer.shape[0]) * world + rank
+    n = len(queue)
+    stored = -(-(n - rank) // world)
+    api = {"len": n == len(whole), "memory": torch.equal(queue.memory()[0], whole.x_buffer[mine[:stored]]),
+           "history_raises": _raises(queue.history), "buffers": sorted(dict(queue.named_buffers())),
+           "no_local_enqueue": _raises(lambda: queue.enqueue(torch.zeros(1, DIM, dtype=torch.float64),
+                                                             torch.zeros(1, DIM, dtype=torch.float64),
+                                                             distributed=False))}
+    # a rank's shard back into the same rank; into the other rank: raises (on both)
+    shard = {k: v.clone() if torch.is_tensor(v) else v for k, v in queue.state_dict().items()}
+    again = FeatureQueue(SIZE, DIM, dtype=torch.float64, statistics=True, shard=True)
+    again.load_state_dict(shard)
+    api["same_rank_load"] = torch.equal(again.x_buffer, queue.x_buffer) and torch.equal(
+        again.stats.row_sums, queue.stats.row_sums) and len(again) == n
+    others = [None] * world
+    dist.all_gather_object(others, shard)
+    api["other_rank_load"] = _raises(lambda: again.load_state_dict(others[(rank + 1) % world]))
+    # a whole state of another size: every rank raises
+    small = FeatureQueue(SIZE + 1, DIM, dtype=torch.float64, statistics=True)
+    api["size_mismatch"] = _raises(lambda: again.load_state_dict(small.state_dict()))
+    # a rank with invalid rows (a wrong width on rank 1): every rank raises, none waits
+    width = DIM + 1 if rank == 1 else DIM
+    bad = torch.randn(2, width, dtype=torch.float64)
+    api["invalid_loss"] = _raises(lambda: d2sm_divergence(bad, bad, queue=queue))
+    api["invalid_enqueue"] = _raises(lambda: queue.enqueue(bad, bad))
+    # every rank empty: the loss over the queue rows alone, as one process's
+    empty = torch.zeros(0, DIM, dtype=torch.float64)
+    api["all_empty"] = float((d2sm_divergence(empty, empty, queue=queue)
+                              - d2sm_divergence(empty, empty, queue=whole)).abs()
+                             / d2sm_divergence(empty, empty, queue=whole).abs())
+    # deepcopy, then the same step on the copy and the original
+    twin = copy.deepcopy(queue)
+    x, y = (t.to(torch.float64) for t in batches(40, world)[rank])
+    for q in (queue, twin):
+        q.enqueue(x, y)
+    api["deepcopy"] = torch.equal(twin.x_buffer, queue.x_buffer) and torch.equal(twin.stats.row_sums,
+                                                                                  queue.stats.row_sums)
+    # a cast that changes the dtype recomputes the sums (a collective refresh)
+    low, low_whole = filled_queue(torch.float32)
+    low.double()
+    low_whole.double()
+    mine = torch.arange(low.x_buffer.shape[0]) * world + rank
+    api["cast"] = (low.x_buffer.dtype == torch.float64 and low.stats.row_sums.dtype == torch.float64
+                   and float(((low.stats.row_sums - low_whole.stats.row_sums[:, mine]).abs()
+                              / low_whole.stats.row_sums[:, mine].abs()).max()))
+    queue.reset()
+    api["reset"] = len(queue) == 0 and int(queue.x_buffer.abs().sum()) == 0
+    result["api"] = api
+
+
 def run(rank, world, init_file, out, resume_from=None):
+    early = FeatureQueue(SIZE, DIM, statistics=True, shard=True)  # before the process group exists
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        result = {}
+        result = {"late_group": _raises(lambda: early.enqueue(torch.zeros(1, DIM), torch.zeros(1, DIM)))}
         phase_stream(rank, world, result)
         if resume_from is not None:
             phase_resume(rank, world, result, resume_from)
         if world == 2:
+            phase_api(rank, world, result)
             phase_collectives(rank, world, result)
             phase_ddp(rank, world, result)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
@@ -229,6 +304,7 @@ def phase_ddp(rank, world, result):
     result["full"] = model.crit.queue.full_state_dict()
     result["whole"] = whole.crit.queue.state_dict()
     result["shard_rows"] = model.crit.queue.x_buffer.clone()
+    result["whole_rows_here"] = whole.crit.queue.x_buffer[rank::world].clone()
     result["model_state"] = full_state_dict(model)
     # bf16 autocast, then the same step through a GradScaler (the loss in eval mode: the queue
     # stays as it is, so both steps see the same sample set)

@@ -154,6 +154,29 @@ def test_a_rank_shard_does_not_load_elsewhere(two):
         FeatureQueue(worker.SIZE, worker.DIM, dtype=torch.float64, statistics=True).load_state_dict(shard)
 
 
+def test_public_methods_and_misuse_on_every_rank(two):
+    for rank, r in enumerate(two):
+        api = r["api"]
+        assert api["len"] and api["memory"] and api["reset"] and api["deepcopy"] and api["same_rank_load"]
+        assert "full_state_dict" in api["history_raises"]
+        assert "distributed=False" in api["no_local_enqueue"]
+        # the rows and sums are not buffers (DDP's broadcast cannot see them); the fill state is
+        assert api["buffers"] == ["filled", "write_pointer"]
+        assert "shard" in api["other_rank_load"] and "full_state_dict" in api["other_rank_load"]
+        assert "24 slots" in api["size_mismatch"]
+        # rank 1's rows are too wide: it raises its own error, rank 0 names rank 1
+        assert ("x_memory" in api["invalid_loss"] or "d" in api["invalid_loss"]) if rank == 1 else \
+            "rank(s) [1]" in api["invalid_loss"]
+        assert ("(..., 5)" in api["invalid_enqueue"]) if rank == 1 else "rank(s) [1]" in api["invalid_enqueue"]
+        assert api["all_empty"] <= RTOL
+        assert api["cast"] is not False and api["cast"] <= 1e-12
+
+
+def test_shard_requested_before_the_process_group(two):
+    """(In the workers: built with shard=True before init_process_group, the first use raises.)"""
+    assert "before the process group" in two[0]["late_group"]
+
+
 # -- D2SMLoss(shard_queue=True) under DDP ------------------------------------------------------------
 def test_ddp_gradients_equal_one_process(two):
     for r in two:
@@ -168,7 +191,8 @@ def test_ddp_gradients_equal_one_process(two):
 def test_ddp_buffer_broadcast_leaves_the_shards_alone(two):
     """broadcast_buffers=True (the default) and no ddp_ignore_queues: the ranks' shards still
     differ, and together they are the one-process queue."""
-    assert not torch.equal(two[0]["shard_rows"], two[1]["shard_rows"])
+    for r in two:  # each rank's shard: its slots of the one-process queue, not rank 0's
+        torch.testing.assert_close(r["shard_rows"], r["whole_rows_here"], rtol=1e-5, atol=1e-6)
     full, whole = two[0]["full"], two[0]["whole"]
     for key in ("write_pointer", "filled"):
         assert torch.equal(full[key], whole[key]), key
