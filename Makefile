@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/* csrc/*/*)
 
 install: $(STAMP)
 
+# Two xdist workers (the CI machine has 2 cores); a file whose module-scoped fixtures spawn process
+# groups is one xdist_group, run by one worker, so its processes start once.
 test: $(STAMP)
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -n 2 --dist loadgroup tests
 
 # The quick loop while developing: everything except the tests marked slow (builds, subprocesses).
 test-fast: $(STAMP)

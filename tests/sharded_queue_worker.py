@@ -141,13 +141,13 @@ def phase_collectives(rank, world, result):
             return originals[name](tensor_or_list, *args, **kwargs)
         return call
 
-    dim, size = 8, 400
+    dim, size = 8, 200
     queue = FeatureQueue(size, dim, dtype=torch.float64, statistics=True, shard=True)
     most_rows = 0
     try:
         for name in originals:
             setattr(dist, name, recording(name))
-        for step in range(300):  # wraps the 400 rows
+        for step in range(130):  # ~3 rows a step: wraps the 200 rows
             parts = batches(step, world, dim=dim, most=3)
             most_rows = max(most_rows, sum(p[0].shape[0] for p in parts))
             x, y = (t.clone().requires_grad_() for t in parts[rank])

@@ -87,7 +87,7 @@ def test_cmake_build_loads_with_load_library(tmp_path):
     import torch.utils
 
     build = tmp_path / "build"
-    cfg = subprocess.run(["cmake", "-S", ROOT, "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+    cfg = subprocess.run(["cmake", "-S", ROOT, "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DD2SM_OPT=-O0",
                           f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
                           f"-DD2SM_PYTHON={sys.executable}"] + _cuda_hints(),
                          capture_output=True, text=True, timeout=600)

@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 
 import ddp_worker
 
-pytestmark = [pytest.mark.slow,
+# one xdist worker runs the whole file: its module-scoped process runs happen once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed"),
               pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")]
 
 

@@ -63,7 +63,10 @@ def test_mixed_dtypes_are_promoted_to_the_widest(row):
 @pytest.mark.parametrize("row", _row_ids(FUSED))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_gradients_do_not_flush_to_zero(row, dtype):
-    check_half_gradients(row.backend, row.device, dtype, 1024 if row.device == "cpu" else 4096)
+    # ~1/m² pair weights fall below fp16's smallest normal (6.1e-5) from m = 129 on: the Triton
+    # interpreter (triton-cpu, slow) takes m = 256, the C++ CPU path 1024, a GPU 4096
+    m = 4096 if row.device != "cpu" else 256 if row.backend == "triton" else 1024
+    check_half_gradients(row.backend, row.device, dtype, m)
 
 
 @pytest.mark.parametrize("row", _row_ids(FUSED))
