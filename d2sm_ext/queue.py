@@ -314,10 +314,7 @@ class FeatureQueue(dist_helpers.RankLocalState):
         source = order[torch.clamp(lo + cand, max=finite.shape[0] - 1)]
         evicted = takes & (slots < self.filled)
         norms = self.stats.row_inv_norms if self.stats is not None else None  # (no statistics: no norms)
-        if self.sharded:
-            old_x, old_y, old_rx, old_ry = self.layout.held(slots, self.x_buffer, self.y_buffer, norms, evicts)
-        else:
-            old_x, old_y, old_rx, old_ry = self.layout.held(slots, self.x_buffer, self.y_buffer, norms)
+        old_x, old_y, old_rx, old_ry = self.layout.held(slots, self.x_buffer, self.y_buffer, norms, evicts)
         return EnqueuePlan(slots, takes, source, evicted, old_x, old_y, old_rx, old_ry, n_valid)
 
     def _check_rows(self, x, y) -> None:

@@ -191,9 +191,10 @@ class SlotLayout:
         """(n,) the queue slot each of the n stored slots holds."""
         return torch.arange(n, device=device)
 
-    def held(self, slots, x_buffer, y_buffer, inv_norms):
+    def held(self, slots, x_buffer, y_buffer, inv_norms, evicts: bool = True):
         """The rows (and kept inverse norms, None without statistics) the candidate ``slots`` hold
-        now, whichever process stores them."""
+        now, whichever process stores them. ``evicts=False``: the caller knows no row can leave,
+        so only the slots stored here are needed (here: all of them)."""
         if inv_norms is None:
             return x_buffer[slots], y_buffer[slots], None, None
         return x_buffer[slots], y_buffer[slots], inv_norms[0, slots], inv_norms[1, slots]
