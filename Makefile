@@ -10,11 +10,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test test-fast demo bench clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/* csrc/*/*)
+$(STAMP): pyproject.toml setup.py tools/triton_versions.py $(wildcard csrc/* csrc/*/*)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip "setuptools>=77" wheel ninja
 	$(VPY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(VPY) -m pip install --quiet --no-build-isolation -e ".[dev]"
+	# the oldest claimed Triton beside the venv's own, for the kernels' ahead-of-time compile test
+	$(VPY) tools/triton_versions.py install $(VENV)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -30,7 +30,9 @@ TRITON_PANEL_MB = 512.0  # default budget of the (B, R, M) fp32 W' panels
 # spill; the registers and spills per variant are in its report). The H100 measurements of
 # 128×64×32 (BENCHMARKS.md) predate that check: that tile hit 255 registers and spilled
 # 150–2450 bytes per thread in every variant. fp32 IEEE dots are FMA loops that keep a BK-deep
-# slice of both operands in registers, hence the short BK; TF32 and half dots run on tensor cores.
+# slice of both operands in registers, hence the short BK — 16, the least `tl.dot` takes under
+# Triton 3.6 (3.8 also accepted 8; the AOT test compiles under both). TF32 and half dots run on
+# tensor cores.
 def _precision_key(dtype: torch.dtype, tf32: bool) -> str:
     if dtype in (torch.float16, torch.bfloat16):
         return "half"
@@ -38,7 +40,7 @@ def _precision_key(dtype: torch.dtype, tf32: bool) -> str:
 
 
 PAIR_TILES = {
-    "ieee": dict(BM=32, BN=32, BK=8, num_warps=8, num_stages=2),
+    "ieee": dict(BM=32, BN=32, BK=16, num_warps=8, num_stages=2),
     "tf32": dict(BM=64, BN=32, BK=16, num_warps=8, num_stages=2),
     "half": dict(BM=64, BN=32, BK=32, num_warps=8, num_stages=3),
 }
