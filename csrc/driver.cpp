@@ -78,6 +78,22 @@ static bool half_gemm_operands(const Tensor& t) {
   return t.is_cuda() || (t.is_cpu() && cpu_switch);
 }
 
+// D2SM_CPU_TF32=1 (tests): on CPU, an op whose `tf32` flag is set takes the panel pass (the CUDA
+// layout) with its fp32 Gram and gradient GEMMs given TF32-rounded operands, as cuBLAS's TF32
+// compute type reads them, so that CPU tests see the TF32 rounding of W' that the card sees.
+static bool cpu_tf32_emulation(const Tensor& t) {
+  const bool cpu_switch = env::choice("D2SM_CPU_TF32", {"0", "1"}, "0") == "1";  // a bad value raises
+  return t.is_cpu() && cpu_switch;
+}
+
+// fp32 rounded to TF32 (10 explicit mantissa bits; to nearest, ties away from zero, as
+// cvt.rna.tf32.f32). Non-finite values stay non-finite.
+static Tensor round_to_tf32(const Tensor& t) {
+  const Tensor bits = t.contiguous().view(at::kInt);
+  const Tensor rounded = bits.add(0x1000).bitwise_and(~0x1FFF).view(at::kFloat);
+  return at::where(at::isnan(t), t, rounded);  // (a NaN's bits + 0x1000 could wrap to -0)
+}
+
 static Problem prepare(const Tensor& x, const Tensor& y, const std::optional<Tensor>& xm,
                        const std::optional<Tensor>& ym) {
   TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "x must be (M, d) or (B, M, d), got ", x.sizes());
@@ -244,6 +260,10 @@ static void product_into(Tensor out, const Tensor& a, const Tensor& b, bool tf32
   if (out.scalar_type() == at::kFloat) {
     if (const Fp32GemmFn gemm = device_kernels(out.device().type()).fp32_gemm) {
       gemm(out, a, b, tf32);
+      return;
+    }
+    if (tf32 && cpu_tf32_emulation(out)) {
+      at::bmm_out(out, round_to_tf32(a), round_to_tf32(b));
       return;
     }
   }
@@ -465,7 +485,8 @@ static std::tuple<Tensor, Tensor> gradients(const Problem& p, const RowStats& st
   const DeviceKernels& kernels = device_kernels(p.x.device().type());
   // A device's own pass (the CPU's symmetric blocks) takes every row in the compute dtype: with
   // half GEMM operands (the CPU test switch) the panel pass runs, as on CUDA.
-  const bool own = kernels.own_pass && p.mm_dtype == p.dtype && kernels.use_own_pass(p, want_stats);
+  const bool tf32_layout = cpu_tf32_emulation(p.x) && p.tf32;  // the CPU test switch: the CUDA layout
+  const bool own = kernels.own_pass && p.mm_dtype == p.dtype && !tf32_layout && kernels.use_own_pass(p, want_stats);
   auto buffer = [&](bool needed) { return needed ? at::empty({p.B, p.N, p.D}, p.x.options()) : Tensor(); };
   Tensor gx = buffer(need_gx), gy = buffer(need_gy);
   Tensor stats = own ? kernels.own_pass(p, st, w, div, exclude_self, eps, want_stats, gx, gy)

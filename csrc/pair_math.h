@@ -48,16 +48,19 @@ struct RowSums {
   T f, pu, qv;
 };
 
-// u_ij = ∂f_i/∂p_ij and v_ij = ∂f_i/∂q_ij for row i's divergence f_i (docs/DESIGN.md §3.3).
+// u_ij = ∂f_i/∂p_ij and v_ij = ∂f_i/∂q_ij for row i's divergence f_i, each shifted by the
+// constant that centres it (docs/DESIGN.md §3.3: a constant added to a row's u cancels; the
+// shifted ū, v̄ are divergence-sized instead of ~-1, so the W' that the gradient GEMM rounds to
+// TF32 or half holds the small centred weights, not -2·β plus them).
 template <int DIV, typename T, typename Log>
 D2SM_INLINE void pair_weights(T p, T q, T lpq, Log log_fn, T& u, T& v) {
-  const T half = T(0.5), two = T(2);
+  const T half = T(0.5), one = T(1), two = T(2);
   if constexpr (DIV == KL) {
-    u = lpq; v = -p / q;
+    u = lpq; v = one - p / q;
   } else if constexpr (DIV == REVERSE_KL) {
-    u = -q / p; v = -lpq;
+    u = one - q / p; v = -lpq;
   } else if constexpr (DIV == SYMMETRIC_KL) {
-    u = half * (lpq - q / p); v = half * (-lpq - p / q);
+    u = half * (lpq + one - q / p); v = half * (one - lpq - p / q);
   } else {
     u = half * log_fn(two * p / (p + q)); v = half * log_fn(two * q / (p + q));
   }
@@ -88,19 +91,20 @@ D2SM_INLINE PairKernel<T> pair_kernel(T cos_x, T cos_y, T eps, Log log_fn) {
   return {ka, kb, pos ? log_fn(pos ? ka / kb : one) : zero};
 }
 
-// One pair's terms of a row's sums, from p, q and lpq = log(p/q); zero when !keep.
+// One pair's terms of a row's sums, from p, q and lpq = log(p/q); zero when !keep. p·u and q·v
+// with pair_weights' centred u, v.
 template <int DIV, typename T, typename Log>
 D2SM_INLINE RowSums<T> stat_terms(T p, T q, T lpq, bool keep, Log log_fn) {
   const T half = T(0.5), zero = T(0), one = T(1), two = T(2);
   T tf, tpu, tqv;
   if constexpr (DIV == KL) {
-    tf = p > zero ? p * lpq : zero; tpu = tf; tqv = -p;
+    tf = p > zero ? p * lpq : zero; tpu = tf; tqv = q - p;
   } else if constexpr (DIV == REVERSE_KL) {
-    tf = q > zero ? -q * lpq : zero; tpu = -q; tqv = tf;
+    tf = q > zero ? -q * lpq : zero; tpu = p - q; tqv = tf;
   } else if constexpr (DIV == SYMMETRIC_KL) {
     tf = half * (p - q) * lpq;
-    tpu = half * ((p > zero ? p * lpq : zero) - q);
-    tqv = half * ((q > zero ? -q * lpq : zero) - p);
+    tpu = half * ((p > zero ? p * lpq : zero) + p - q);
+    tqv = half * ((q > zero ? -q * lpq : zero) + q - p);
   } else {
     const T s = p + q;
     const T lpm = p > zero ? log_fn(p > zero ? two * p / s : one) : zero;  // log(p/m)

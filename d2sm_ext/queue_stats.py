@@ -148,17 +148,18 @@ def block_sums(x, y, rx, ry, eps: float, exclude_self: bool, col_weight=None,
 
 
 def divergence_rows(sums: torch.Tensor, divergence: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row divergence f, ū and v̄ (docs/DESIGN.md §3.2) from float64 sums (4, n) = A, B, C, D."""
+    """Per-row divergence f, ū and v̄ (docs/DESIGN.md §3.2) from float64 sums (4, n) = A, B, C, D;
+    ū and v̄ of the centred u, v (§3.3): Σ p = Σ q = 1 make the shifts' means exactly 0."""
     a, b, c, d = sums
     log_ba = torch.log(b / a)
     kl = c / a + log_ba
     rkl = d / b - log_ba
     if divergence == "kl":
-        return kl, kl, -torch.ones_like(kl)
+        return kl, kl, torch.zeros_like(kl)
     if divergence == "reverse_kl":
-        return rkl, -torch.ones_like(rkl), rkl
+        return rkl, torch.zeros_like(rkl), rkl
     if divergence == "symmetric_kl":
-        return 0.5 * (kl + rkl), 0.5 * (kl - 1.0), 0.5 * (rkl - 1.0)
+        return 0.5 * (kl + rkl), 0.5 * kl, 0.5 * rkl
     raise ValueError(f"divergence {divergence!r} does not decompose into queue statistics; use one of {DECOMPOSABLE}")
 
 

@@ -57,7 +57,7 @@ def test_missing_extension_falls_back_with_one_warning():
     env = dict(os.environ, D2SM_LOAD_EXTENSION="0", PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["1", "reference", "True"]
+    assert out.stdout.split() == ["1", "dense", "True"]  # the pure-PyTorch fallback
 
 
 def _cuda_hints():
@@ -129,6 +129,7 @@ def test_pass_choice(monkeypatch):
     ("D2SM_PANEL_MB", "nan", "D2SM_PANEL_MB must be a number > 0"),
     ("D2SM_CPU_PASS", "Symmetric", "D2SM_CPU_PASS must be one of auto, symmetric, panel"),
     ("D2SM_CPU_HALF_GEMM", "yes", "D2SM_CPU_HALF_GEMM must be one of 0, 1, got 'yes'"),
+    ("D2SM_CPU_TF32", "on", "D2SM_CPU_TF32 must be one of 0, 1, got 'on'"),
 ])
 def test_bad_environment_values_raise_with_the_name(name, value, message, monkeypatch):
     """The C++ side parses its variables strictly (csrc/env.h): junk never becomes 0 or 1 rows."""

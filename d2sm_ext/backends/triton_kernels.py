@@ -124,21 +124,22 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _pair_terms(p, q, lpq, DIV: tl.constexpr):
-    """(f, p·u, q·v) of one row's pair terms; lpq = log(p/q); zero-probability terms give 0."""
+    """(f, p·u, q·v) of one row's pair terms with _grad_weights' centred u, v; lpq = log(p/q);
+    zero-probability terms give 0."""
     pos_p = p > 0
     pos_q = q > 0
-    if DIV == 0:    # kl: f = p log(p/q); u = log(p/q); v = -p/q
+    if DIV == 0:    # kl: f = p log(p/q); u = log(p/q); v = 1 - p/q
         f = tl.where(pos_p, p * lpq, 0.0)
         pu = f
-        qv = -p
-    elif DIV == 1:  # reverse_kl: f = q log(q/p); u = -q/p; v = log(q/p)
+        qv = q - p
+    elif DIV == 1:  # reverse_kl: f = q log(q/p); u = 1 - q/p; v = log(q/p)
         f = tl.where(pos_q, -q * lpq, 0.0)
-        pu = -q
+        pu = p - q
         qv = f
     elif DIV == 2:  # symmetric_kl: ½ of both
         f = 0.5 * (p - q) * lpq
-        pu = 0.5 * (tl.where(pos_p, p * lpq, 0.0) - q)
-        qv = 0.5 * (tl.where(pos_q, -q * lpq, 0.0) - p)
+        pu = 0.5 * (tl.where(pos_p, p * lpq, 0.0) + p - q)
+        qv = 0.5 * (tl.where(pos_q, -q * lpq, 0.0) + q - p)
     else:           # js: m = (p+q)/2; f = ½ p log(p/m) + ½ q log(q/m); u = ½ log(p/m); v = ½ log(q/m)
         s = p + q
         pu = tl.where(pos_p, 0.5 * p * tl.log(tl.where(pos_p, 2.0 * p / s, 1.0)), 0.0)
@@ -149,25 +150,26 @@ def _pair_terms(p, q, lpq, DIV: tl.constexpr):
 
 @triton.jit
 def _grad_weights(p, q, lpq, DIV: tl.constexpr, WANT_U: tl.constexpr, WANT_V: tl.constexpr):
-    """(u, v) = (∂f/∂p, ∂f/∂q) of the pair terms with constants dropped; lpq = log(p/q). Only
-    the asked ones are formed (the other is 0)."""
+    """(u, v) = (∂f/∂p, ∂f/∂q) of the pair terms, each shifted by the constant that centres it
+    (docs/DESIGN.md §3.3: ū, v̄ divergence-sized, so W' rounded to TF32 or half keeps the small
+    centred weights); lpq = log(p/q). Only the asked ones are formed (the other is 0)."""
     u = 0.0
     v = 0.0
     if DIV == 0:
         if WANT_U:
             u = lpq
         if WANT_V:
-            v = -p / q
+            v = 1.0 - p / q
     elif DIV == 1:
         if WANT_U:
-            u = -q / p
+            u = 1.0 - q / p
         if WANT_V:
             v = -lpq
     elif DIV == 2:
         if WANT_U:
-            u = 0.5 * (lpq - q / p)
+            u = 0.5 * (lpq + 1.0 - q / p)
         if WANT_V:
-            v = 0.5 * (-lpq - p / q)
+            v = 0.5 * (1.0 - lpq - p / q)
     else:
         if WANT_U:
             u = 0.5 * tl.log(2.0 * p / (p + q))
