@@ -69,8 +69,24 @@ def make_inputs(cfg: Config, device: str, requires_grad: bool = True, seed: int 
     return x, y, xm, ym
 
 
+def plain_formula(x, y, xm=None, ym=None, eps: float = 1e-8):
+    """The dense formula as a user writes it (kl, neighbours j ≠ i, mean): F.normalize, matmul,
+    masked log-ratio, mean — the "plain PyTorch" baseline, eager and under torch.compile. Unlike
+    the package's paths it has no zero-row, huge-row, eps = 0 or non-finite handling."""
+    if xm is not None:
+        x, y = torch.cat([x, xm.detach()], dim=-2), torch.cat([y, ym.detach()], dim=-2)
+    xn, yn = torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(y, dim=-1)
+    off = ~torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)
+    kx = ((1 + xn @ xn.mT) / 2 + eps) * off
+    ky = ((1 + yn @ yn.mT) / 2 + eps) * off
+    p, q = kx / kx.sum(-1, keepdim=True), ky / ky.sum(-1, keepdim=True)
+    log_ratio = torch.where(off, torch.log(p) - torch.log(q), 0.0)
+    return (p * log_ratio).sum(-1).mean()
+
+
 def runner(backend: str) -> Callable:
-    """A callable (x, y, xm, ym) -> scalar loss for a backend name or a baseline.
+    """A callable (x, y, xm, ym) -> scalar loss for a backend name or a baseline: "reference",
+    "reference+compile", "plain" and "plain+compile" (``plain_formula``), or any backend name.
 
     "reference+compile" compiles afresh for each call of runner() after resetting Dynamo: one
     shared compiled function would hit Dynamo's recompile limit after a few shapes and silently
@@ -81,6 +97,11 @@ def runner(backend: str) -> Callable:
         torch._dynamo.reset()
         compiled = torch.compile(d2sm_reference, dynamic=False)
         return lambda x, y, xm, ym: compiled(x, y, x_memory=xm, y_memory=ym)
+    if backend == "plain":
+        return plain_formula
+    if backend == "plain+compile":
+        torch._dynamo.reset()
+        return torch.compile(plain_formula, dynamic=False)
     return lambda x, y, xm, ym: d2sm_ext.d2sm_divergence(x, y, backend=backend, x_memory=xm, y_memory=ym)
 
 

@@ -4,7 +4,8 @@
     python -m benchmarks.compare --device cuda --out $OUT/bench        # on a GPU machine
 
 Columns: config | backend | fwd ms | fwd+bwd ms (median [p20–p80]) | peak memory of fwd+bwd |
-speedup of fwd+bwd vs the eager reference and vs torch.compile of the reference | achieved
+speedup of fwd+bwd vs the eager reference, vs torch.compile of the reference, vs the plain formula
+a user writes (``benchmarks.common.plain_formula``: kl, mean) eager and compiled | achieved
 TFLOP/s (useful FLOPs, see ``benchmarks.common``) and % of the dense GEMM rate measured in the
 same run for the same dtype/precision. A run that does not fit in memory prints OOM; one whose
 first call exceeds the per-cell budget prints timeout. Also: a scaling sweep over M (time and peak
@@ -124,12 +125,13 @@ def _speedup(row: dict, base: dict | None) -> str:
 
 def table(rows: list[dict], gemm: dict, configs: dict) -> str:
     head = ("| config | backend | fwd ms | fwd+bwd ms | peak mem (fwd+bwd) | vs eager ref | vs compiled ref | "
-            "TFLOP/s (fwd+bwd) | % GEMM |")
-    lines = [head, "|" + "---|" * 9]
+            "vs plain eager | vs plain compiled | TFLOP/s (fwd+bwd) | % GEMM |")
+    lines = [head, "|" + "---|" * 11]
     for row in rows:
         cfg = configs[row["config"]]
-        base = next((r for r in rows if r["config"] == row["config"] and r["backend"] == "reference"), None)
-        comp = next((r for r in rows if r["config"] == row["config"] and r["backend"] == "reference+compile"), None)
+
+        def baseline(name):
+            return next((r for r in rows if r["config"] == row["config"] and r["backend"] == name), None)
         rate = pct = "-"
         if isinstance(row.get("fwdbwd"), dict):
             tf = cfg.flops(True) / (row["fwdbwd"]["median"] * 1e-3) / 1e12
@@ -138,8 +140,10 @@ def table(rows: list[dict], gemm: dict, configs: dict) -> str:
             pct = f"{100 * tf / g:.0f}%" if g else "-"
         mem = f"{row['peak_bytes'] / 2**20:.1f} MiB" if "peak_bytes" in row else "-"
         label = row["config"] + (f" ({row['note']})" if row.get("note") else "")
+        speedups = " | ".join(_speedup(row, baseline(name))
+                              for name in ("reference", "reference+compile", "plain", "plain+compile"))
         lines.append(f"| {label} | {row['backend']} | {_ms(row.get('fwd'))} | {_ms(row.get('fwdbwd'))} | {mem} | "
-                     f"{_speedup(row, base)} | {_speedup(row, comp)} | {rate} | {pct} |")
+                     f"{speedups} | {rate} | {pct} |")
     return "\n".join(lines)
 
 
@@ -229,10 +233,10 @@ def main(argv=None) -> int:
     for cfg in configs:
         by_label[cfg.label()] = cfg
         # "auto" last: the backend a user gets by default, with what it resolved to (auto_rules.py)
-        for backend in ["reference", "reference+compile"] + [
+        for backend in ["reference", "reference+compile", "plain", "plain+compile"] + [
                 n for n in d2sm_ext.available_backends() if n != "reference" and _usable(n, device, cfg.dtype)] + [
                 "auto"]:
-            if backend == "reference+compile" and (args.no_compile or not cfg.compiled_baseline):
+            if backend.endswith("+compile") and (args.no_compile or not cfg.compiled_baseline):
                 continue
             row = measure(cfg, backend, device, reps, budget)
             rows.append(row)

@@ -157,11 +157,11 @@ def d2sm_divergence(
         reduction: "mean" over rows (and problems), "sum", or "none" (shape (M,) or (B, M)).
         eps: kernel floor added to every kernel value (default 1e-8; keeps logs finite when two
             rows are antipodal). eps = 0 is allowed; a divergence can then be +inf. The fused
-            backends need eps >= 1.18e-38 (a normal float32): "auto" takes the reference for a
-            smaller eps, and naming a fused backend then raises.
+            backends and "dense" need eps >= 1.18e-38 (a normal float32): "auto" takes the
+            reference for a smaller eps, and naming one of them then raises.
         backend: "auto" (the fastest backend that can run the tensors' device, dtype and shape:
-            on a GPU a fused backend only where it was measured faster than the reference, see
-            d2sm_ext/auto_rules.py), "reference", or any name from
+            on a GPU a fused backend only where it was measured faster than the dense path, see
+            d2sm_ext/auto_rules.py), "reference", "dense", or any name from
             ``d2sm_ext.available_backends()``.
         x_memory, y_memory: optional history rows (Q, d) or (B, Q, d). The sample set is the rows
             of x followed by the memory rows; every row's divergence counts (M = N + Q rows), and

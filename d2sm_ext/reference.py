@@ -176,13 +176,20 @@ def d2sm_reference(
     Inputs are assumed validated (``d2sm_ext.functional`` does that). ``precision`` is accepted
     for a uniform backend signature and ignored: matmuls follow PyTorch's global float32 setting.
     """
+    return run_in_compute_dtype(dense_divergence, x, y, divergence, exclude_self, reduction, eps, x_memory, y_memory)
+
+
+def run_in_compute_dtype(fn, x, y, divergence, exclude_self, reduction, eps, x_memory, y_memory):
+    """``fn`` (``dense_divergence``'s signature) on the inputs cast to the compute dtype, memory rows
+    detached, autocast off, the result in ``output_dtype(x)``: the dtype rules of the pure-PyTorch
+    backends (the reference and backends/dense_backend.py)."""
     cdt = compute_dtype(x.dtype)
     if x_memory is not None:
         x_memory, y_memory = x_memory.detach().to(cdt), y_memory.detach().to(cdt)
-    # Autocast would run the matmuls below in half precision (and everything after them): the
-    # formula is evaluated in the compute dtype whatever the autocast state.
+    # Autocast would run the matmuls in half precision (and everything after them): the formula is
+    # evaluated in the compute dtype whatever the autocast state.
     with torch.autocast(x.device.type, enabled=False):
-        out = dense_divergence(x.to(cdt), y.to(cdt), divergence, exclude_self, reduction, eps, x_memory, y_memory)
+        out = fn(x.to(cdt), y.to(cdt), divergence, exclude_self, reduction, eps, x_memory, y_memory)
     return out.to(output_dtype(x))
 
 

@@ -129,7 +129,8 @@ def _describe_choices() -> str:
 
 def _eps_reason(backend: Backend, eps: float) -> Reason:
     if backend.positive_eps and not eps >= MIN_FUSED_EPS:
-        return (f"its fused kernels need eps >= {MIN_FUSED_EPS:.3g} (a positive normal float32), got eps={eps!r}; "
+        return (f"its kernels take log K' of every kernel value and need eps >= {MIN_FUSED_EPS:.3g} (a positive normal "
+                f"float32), got eps={eps!r}; "
                 f"use backend='reference' (or 'auto') for eps = 0")
     return None
 

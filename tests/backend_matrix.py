@@ -47,9 +47,11 @@ TRITON_OPS = ("triton_d2sm", "triton_d2sm_backward")
 
 ROWS = (
     Row("reference", "cpu", (F16, BF16, F32, F64), fused=False),
+    Row("dense", "cpu", (F16, BF16, F32, F64), fused=False),
     Row("cpu", "cpu", (F16, BF16, F32, F64), fused=True, ops=CPP_OPS, variants=CPU_PASSES),
     Row("triton", "cpu", (F16, BF16, F32), fused=True, ops=TRITON_OPS),  # Triton's interpreter
     Row("reference", "cuda", (F16, BF16, F32, F64), fused=False),
+    Row("dense", "cuda", (F16, BF16, F32, F64), fused=False),
     Row("cuda", "cuda", (F16, BF16, F32, F64), fused=True, ops=CPP_OPS),
     Row("triton", "cuda", (F16, BF16, F32), fused=True, ops=TRITON_OPS),
 )
@@ -59,13 +61,17 @@ def runnable(rows=ROWS):
     return [r for r in rows if r.why_not_here() is None]
 
 
-def rows_params(*, fused: Optional[bool] = None, dtype: Optional[torch.dtype] = None, variants: bool = True,
-                device: Optional[str] = None):
+def rows_params(*, fused: Optional[bool] = None, checked: Optional[bool] = None, dtype: Optional[torch.dtype] = None,
+                variants: bool = True, device: Optional[str] = None):
     """pytest params (row, variant environment) of the rows that run here and match the filters;
+    ``checked=True``: the rows the math suites check against the reference (every backend but the
+    reference itself); ``fused=True``: the rows with a torch.library op pair (opcheck, op calls);
     ``variants=False`` takes each row once (its first variant)."""
     params = []
     for row in runnable():
         if fused is not None and row.fused != fused:
+            continue
+        if checked is not None and (row.backend != "reference") != checked:
             continue
         if dtype is not None and dtype not in row.dtypes:
             continue

@@ -24,9 +24,13 @@ SMALL = [((2, 1), 0), ((3, 3, 7), 5), ((3, 17, 5), 6), ((37, 64), 20)]
 # Several row and column blocks, d over several chunks: every divergence, two settings each.
 LARGE = [((64, 300), 0), ((3, 3, 300), 64), ((3, 130, 300), 0), ((130, 7), 70)]
 
+# The math suites run on every backend but the reference (CHECKED: the fused ones and "dense");
+# the op suites (opcheck, direct op calls) on the fused ones.
+CHECKED = rows_params(checked=True)
+CHECKED_F32 = rows_params(checked=True, dtype=torch.float32)
+CHECKED_F64 = rows_params(checked=True, dtype=torch.float64)
+CHECKED_ONCE = rows_params(checked=True, variants=False)
 FUSED = rows_params(fused=True)
-FUSED_F32 = rows_params(fused=True, dtype=torch.float32)
-FUSED_F64 = rows_params(fused=True, dtype=torch.float64)
 FUSED_ONCE = rows_params(fused=True, variants=False)
 
 
@@ -38,7 +42,7 @@ def test_row_runs_here(row):
         pytest.skip(f"{row.id}: {reason}")
 
 
-@pytest.mark.parametrize("row,env", FUSED_F32)
+@pytest.mark.parametrize("row,env", CHECKED_F32)
 @pytest.mark.parametrize("shape,n_memory", SMALL)
 @pytest.mark.parametrize("div,excl,red", COMBOS)
 def test_parity_float32(row, env, div, excl, red, shape, n_memory, monkeypatch):
@@ -47,12 +51,12 @@ def test_parity_float32(row, env, div, excl, red, shape, n_memory, monkeypatch):
 
 
 def _multi_block_params():
-    """FUSED_F32 × LARGE × divergences, except that the Triton interpreter (the triton-cpu row, two
+    """CHECKED_F32 × LARGE × divergences, except that the Triton interpreter (the triton-cpu row, two
     orders of magnitude slower than compiled code) takes the largest shape for kl and js only:
     reverse_kl and symmetric_kl reach several row, column and d blocks there through the other
     three shapes."""
     params = []
-    for p in FUSED_F32:
+    for p in CHECKED_F32:
         row, env = p.values
         for i, (shape, n_memory) in enumerate(LARGE):
             for div in DIVERGENCES:
@@ -71,7 +75,7 @@ def test_parity_multi_block(row, env, div, excl, red, shape, n_memory, monkeypat
     check_parity(row.backend, shape, n_memory, div, excl, red, row.device)
 
 
-@pytest.mark.parametrize("row,env", FUSED_F32)
+@pytest.mark.parametrize("row,env", CHECKED_F32)
 @pytest.mark.parametrize("red", ["mean", "none"])
 def test_several_panels_and_batch_chunks(row, env, red, monkeypatch):
     """Panels (or CPU blocks) of 48 rows, as for large M: with 130 live + 30 memory rows, 3 live
@@ -81,14 +85,14 @@ def test_several_panels_and_batch_chunks(row, env, red, monkeypatch):
     check_parity(row.backend, (3, 130, 20), 30, "symmetric_kl", True, red, row.device)
 
 
-@pytest.mark.parametrize("row,env", FUSED_F64)
+@pytest.mark.parametrize("row,env", CHECKED_F64)
 @pytest.mark.parametrize("div,excl,red", COMBOS)
 def test_float64_matches_literal_and_reference(row, env, div, excl, red, monkeypatch):
     apply_variant(monkeypatch, env)
     check_float64_literal(row.backend, row.device, div, excl, red)
 
 
-@pytest.mark.parametrize("row,env", FUSED_F64)
+@pytest.mark.parametrize("row,env", CHECKED_F64)
 @pytest.mark.parametrize("div", DIVERGENCES)
 @pytest.mark.parametrize("excl", [True, False])
 @pytest.mark.parametrize("red", ["mean", "none"])
@@ -97,7 +101,7 @@ def test_gradcheck_float64(row, env, div, excl, red, monkeypatch):
     check_gradcheck(row.backend, row.device, div, excl, red)
 
 
-@pytest.mark.parametrize("row,env", FUSED_F64)
+@pytest.mark.parametrize("row,env", CHECKED_F64)
 @pytest.mark.parametrize("div", DIVERGENCES)
 @pytest.mark.parametrize("excl", [True, False])
 def test_edge_rows_float64(row, env, div, excl, monkeypatch):
@@ -105,7 +109,7 @@ def test_edge_rows_float64(row, env, div, excl, monkeypatch):
     check_edge_rows_float64(row.backend, row.device, div, excl)
 
 
-@pytest.mark.parametrize("row,env", FUSED_F32)
+@pytest.mark.parametrize("row,env", CHECKED_F32)
 @pytest.mark.parametrize("div", DIVERGENCES)
 @pytest.mark.parametrize("excl", [True, False])
 def test_edge_rows_float32(row, env, div, excl, monkeypatch):
@@ -124,7 +128,7 @@ def test_edge_rows_float32(row, env, div, excl, monkeypatch):
         assert (gx[0] == 0).all() and (gy[3] == 0).all()  # zero rows: zero gradient
 
 
-@pytest.mark.parametrize("row,env", FUSED_F32)
+@pytest.mark.parametrize("row,env", CHECKED_F32)
 @pytest.mark.parametrize("div", DIVERGENCES)
 def test_edge_rows_default_eps_finite(row, env, div, monkeypatch):
     """With eps = 1e-8, below float32's rounding of 1 + cos, an antipodal pair's log-kernel is
@@ -140,14 +144,14 @@ def test_edge_rows_default_eps_finite(row, env, div, monkeypatch):
     assert_f32_close(got[keep], want[keep], "value on well-conditioned rows")
 
 
-@pytest.mark.parametrize("row,env", FUSED_F32)
+@pytest.mark.parametrize("row,env", CHECKED_F32)
 @pytest.mark.parametrize("div", ["kl", "js"])
 def test_non_contiguous_inputs_and_memory(row, env, div, monkeypatch):
     apply_variant(monkeypatch, env)
     check_non_contiguous(row.backend, row.device, div)
 
 
-@pytest.mark.parametrize("row,env", FUSED_ONCE)
+@pytest.mark.parametrize("row,env", CHECKED_ONCE)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("div,red", [("kl", "mean"), ("js", "none"), ("reverse_kl", "sum")])
 def test_half_inputs(row, env, dtype, div, red):
@@ -169,7 +173,7 @@ def test_memory_rows_get_no_gradient(row, env, monkeypatch):
     assert out[2].shape == x.shape and out[3].numel() == 0
 
 
-@pytest.mark.parametrize("row,env", FUSED)
+@pytest.mark.parametrize("row,env", CHECKED)
 def test_no_live_rows_only_memory(row, env, monkeypatch):
     """N = 0 live rows with 7 memory rows: the memory rows' own divergences."""
     apply_variant(monkeypatch, env)
@@ -181,7 +185,7 @@ def test_no_live_rows_only_memory(row, env, monkeypatch):
     assert_f32_close(got, want, "values of memory rows")
 
 
-@pytest.mark.parametrize("row,env", FUSED)
+@pytest.mark.parametrize("row,env", CHECKED)
 def test_deterministic(row, env, monkeypatch):
     apply_variant(monkeypatch, env)
     x, y, mem = make_inputs((3, 70, 40), 10, row.device)
@@ -195,7 +199,7 @@ def test_opcheck(row, env):
     check_opcheck(*ops_of(row), row.device)
 
 
-@pytest.mark.parametrize("row,env", FUSED)
+@pytest.mark.parametrize("row,env", CHECKED)
 @pytest.mark.parametrize("div", ["symmetric_kl", "js"])
 def test_torch_compile_fullgraph(row, env, div, monkeypatch):
     apply_variant(monkeypatch, env)

@@ -16,6 +16,7 @@ from d2sm_ext.reference import d2sm_reference
 
 ROWS = rows_params(variants=False)
 FUSED = rows_params(fused=True, variants=False)
+CHECKED = rows_params(checked=True, variants=False)  # every backend but the reference
 AUTOCAST_DTYPES = {"cpu": (torch.bfloat16,), "cuda": (torch.float16, torch.bfloat16)}
 
 
@@ -60,7 +61,7 @@ def test_mixed_dtypes_are_promoted_to_the_widest(row):
     assert out.dtype == torch.float32
 
 
-@pytest.mark.parametrize("row", _row_ids(FUSED))
+@pytest.mark.parametrize("row", _row_ids(CHECKED))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_gradients_do_not_flush_to_zero(row, dtype):
     # ~1/m² pair weights fall below fp16's smallest normal (6.1e-5) from m = 129 on: the Triton
@@ -69,7 +70,7 @@ def test_half_gradients_do_not_flush_to_zero(row, dtype):
     check_half_gradients(row.backend, row.device, dtype, m)
 
 
-@pytest.mark.parametrize("row", _row_ids(FUSED))
+@pytest.mark.parametrize("row", _row_ids(CHECKED))
 def test_fused_backends_refuse_eps_zero_and_auto_takes_the_reference(row):
     for eps in (0.0, 1e-40):  # 1e-40 is not a normal float32: the fused kernels would see 0
         assert resolve_backend("auto", row.device, torch.float32, eps).name == "reference"

@@ -1,8 +1,10 @@
 """Registers the built-in backends with the registry (d2sm_ext.registry), highest priority first
-for "auto": triton (10, CUDA, where d2sm_ext/auto_rules.py's measured rule says it is faster than
-the reference), cuda (7, explicit only until validated on a GPU), cpu (5), reference (0, any
-device and dtype). A backend that cannot be loaded here is recorded with the
-reason (``d2sm_ext.unavailable_backends()``) instead of failing the import.
+for "auto": cuda (12) and triton (10) on CUDA where d2sm_ext/auto_rules.py's measured rule says
+they are faster (cuda first: measured faster than triton in every precision on an H200, and on the
+queue step), cpu (5), dense (1, any device and dtype, eps >= 1.18e-38: the fast pure-PyTorch
+fallback), reference (0, any device and dtype, any eps: the ground truth). A backend that cannot
+be loaded here is recorded with the reason (``d2sm_ext.unavailable_backends()``) instead of
+failing the import.
 
 Each fused backend defines its torch.library ops on import: the C++ extension's
 ``d2sm_ext::fused_forward``/``fused_backward`` (csrc/ops.cpp) and Triton's
@@ -19,7 +21,7 @@ with the Gram hand-over.
 import warnings
 
 from .. import auto_rules
-from . import cpp_backend
+from . import cpp_backend, dense_backend
 from ..queue_stats import cross_sums_torch
 from ..reference import d2sm_reference
 from ..registry import QueueKernels, mark_unavailable, register_backend
@@ -32,6 +34,10 @@ def _reference_supports(device_type, dtype):
 register_backend("reference", d2sm_reference, _reference_supports, priority=0,
                  description="pure PyTorch with autograd, any device and dtype (the ground truth)",
                  queue=QueueKernels(cross_sums_torch))
+register_backend("dense", dense_backend.d2sm_dense, dense_backend.supports, priority=1,
+                 description="dense PyTorch with autograd, written for speed (row sums of the kernel matrices, "
+                             "no p/q matrices), any device and dtype; eps >= 1.18e-38",
+                 positive_eps=True, queue=QueueKernels(cross_sums_torch))
 
 
 if cpp_backend.LOAD_ERROR is None:
@@ -41,16 +47,15 @@ if cpp_backend.LOAD_ERROR is None:
                      queue=QueueKernels(cpp_backend.cross_sums, cpp_backend.queue_backward, keeps_gram=True))
 else:
     mark_unavailable("cpu", cpp_backend.LOAD_ERROR)
-    warnings.warn(f"d2sm_ext: backend 'cpu' unavailable, 'auto' uses the reference on CPU: {cpp_backend.LOAD_ERROR}",
-                  RuntimeWarning, stacklevel=2)
+    warnings.warn(f"d2sm_ext: backend 'cpu' unavailable, 'auto' uses the dense PyTorch path on CPU: "
+                  f"{cpp_backend.LOAD_ERROR}", RuntimeWarning, stacklevel=2)
 if cpp_backend.CUDA_ERROR is None:
-    # Explicit only (never picked by "auto"): these kernels compile in CI but have not yet been run
-    # on a GPU; "auto" keeps Triton on CUDA until benchmarks/gpu_check.sh has validated them.
-    register_backend("cuda", cpp_backend.d2sm_fused, cpp_backend.supports_on("cuda", "cuda"), priority=7,
-                     description="fused C++/CUDA kernels (cuBLAS panels + CUDA epilogue), CUDA tensors; "
-                                 "explicit only until validated on a GPU", auto_device_types=(),
-                     usable=cpp_backend.cuda_usable, positive_eps=True,
-                     queue=QueueKernels(cpp_backend.cross_sums, cpp_backend.queue_backward, keeps_gram=True))
+    # Validated on an H200 (issue 26: 368 of 370 GPU tests, the two failures explained and fixed).
+    register_backend("cuda", cpp_backend.d2sm_fused, cpp_backend.supports_on("cuda", "cuda"), priority=12,
+                     description="fused C++/CUDA kernels (cuBLAS panels + CUDA epilogue), CUDA tensors",
+                     auto_device_types=("cuda",), usable=cpp_backend.cuda_usable, positive_eps=True,
+                     queue=QueueKernels(cpp_backend.cross_sums, cpp_backend.queue_backward, keeps_gram=True),
+                     auto_rule=auto_rules.rule_for("cuda"))
 else:
     mark_unavailable("cuda", cpp_backend.CUDA_ERROR)
 
@@ -64,4 +69,4 @@ else:
                                  "gradient (CUDA; CPU only under TRITON_INTERPRET=1)", auto_device_types=("cuda",),
                      usable=triton_backend.usable, positive_eps=True,
                      queue=QueueKernels(triton_backend.cross_sums, triton_backend.queue_backward, keeps_gram=True),
-                     auto_rule=auto_rules.gpu_fused_reason)
+                     auto_rule=auto_rules.rule_for("triton"))
