@@ -54,6 +54,9 @@ CPU_CONFIGS = [
 ]
 # `--tiny` (gpu_check.sh --dry-run): the script's command lines in seconds, any device.
 TINY_CONFIGS = [Config("tiny", 64, 32, q=16)]
+# The baselines timed beside the backends (benchmarks.common.runner): the reference and the plain
+# formula a user writes, each eager and under torch.compile.
+BASELINES = ("reference", "reference+compile", "plain", "plain+compile")
 SWEEP_M = {"cuda": [1024, 4096, 16384, 65536, 131072], "cpu": [256, 1024, 4096, 8192]}
 SWEEP_D = 1280
 
@@ -141,7 +144,7 @@ def table(rows: list[dict], gemm: dict, configs: dict) -> str:
         mem = f"{row['peak_bytes'] / 2**20:.1f} MiB" if "peak_bytes" in row else "-"
         label = row["config"] + (f" ({row['note']})" if row.get("note") else "")
         speedups = " | ".join(_speedup(row, baseline(name))
-                              for name in ("reference", "reference+compile", "plain", "plain+compile"))
+                              for name in BASELINES)
         lines.append(f"| {label} | {row['backend']} | {_ms(row.get('fwd'))} | {_ms(row.get('fwdbwd'))} | {mem} | "
                      f"{speedups} | {rate} | {pct} |")
     return "\n".join(lines)
@@ -206,7 +209,10 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="timed calls per cell (default 20 GPU, 3 CPU)")
     parser.add_argument("--budget", type=float, default=None, help="seconds per cell before 'timeout'")
     parser.add_argument("--only", default=None, help="run only configs whose label contains this text")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help=f"comma-separated baselines to time before the backends (default {','.join(BASELINES)}; "
+                             "gpu_check.sh leaves out reference+compile to fit its stage limit)")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="one tiny config, small GEMM probe (dry runs)")
     args = parser.parse_args(argv)
@@ -215,6 +221,10 @@ def main(argv=None) -> int:
     reps = args.reps or (20 if device == "cuda" else 3)
     budget = args.budget or (30.0 if device == "cuda" else 60.0)
     configs = TINY_CONFIGS if args.tiny else GPU_CONFIGS if device == "cuda" else CPU_CONFIGS
+    baselines = [b for b in args.baselines.split(",") if b]
+    unknown = set(baselines) - set(BASELINES)
+    if unknown:
+        parser.error(f"--baselines: unknown {sorted(unknown)}; choose from {','.join(BASELINES)}")
     if args.only:
         configs = [c for c in configs if args.only in c.label()]
 
@@ -233,7 +243,7 @@ def main(argv=None) -> int:
     for cfg in configs:
         by_label[cfg.label()] = cfg
         # "auto" last: the backend a user gets by default, with what it resolved to (auto_rules.py)
-        for backend in ["reference", "reference+compile", "plain", "plain+compile"] + [
+        for backend in baselines + [
                 n for n in d2sm_ext.available_backends() if n != "reference" and _usable(n, device, cfg.dtype)] + [
                 "auto"]:
             if backend.endswith("+compile") and (args.no_compile or not cfg.compiled_baseline):

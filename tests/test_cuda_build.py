@@ -35,8 +35,8 @@ def test_registration_and_errors():
         with pytest.raises(ValueError, match="backend 'cuda' cannot run here"):
             d2sm_ext.d2sm_divergence(torch.randn(4, 3), torch.randn(4, 3), backend="cuda")
         return
-    # explicit only: "auto" never picks it (not yet validated on a GPU)
-    assert resolve_backend("auto", "cuda", torch.float64).name == "reference"
+    # validated on an H200: the highest priority on CUDA (auto_rules.py rules it per shape)
+    assert resolve_backend("auto", "cuda", torch.float64).name == "cuda"
     assert resolve_backend("cuda", "cuda", torch.bfloat16).name == "cuda"
     with pytest.raises(ValueError, match="backend 'cuda' cannot run.*CUDA tensors only"):
         d2sm_ext.d2sm_divergence(torch.randn(4, 3), torch.randn(4, 3), backend="cuda")
