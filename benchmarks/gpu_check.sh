@@ -9,8 +9,8 @@
 # Stages, most valuable first (a limit that cuts the run cuts the tail):
 #   environment, build (setup.py; CUDA kernels when the toolkit matches torch's CUDA), GPU tests
 #   (the "cuda" and "triton" backends vs the reference on CUDA tensors; junit log tests.xml),
-#   the queue step (q = 2^20), the comparison benchmark without the sweep, then extras (tile
-#   tuning). The summary is printed after every stage's own limit has expired at the latest.
+#   the queue step (q = 2^20), the comparison benchmark without the sweep, a per-kernel profile
+#   (benchmarks/profile_steps.py), then extras (tile tuning). The summary is printed after every stage's own limit has expired at the latest.
 # Each stage runs under `timeout -s INT LIMIT` (SIGINT: pytest and Python print what they have)
 # plus KILL_GRACE seconds before SIGKILL; the limits add up to at most BUDGET_S (480 s), checked
 # below before anything runs. Everything the script writes goes under OUTDIR.
@@ -25,12 +25,13 @@ esac
 BUDGET_S=480
 KILL_GRACE=5
 LIMIT_ENV=${ENV_TIMEOUT:-15}
-LIMIT_BUILD=${BUILD_TIMEOUT:-170}
+LIMIT_BUILD=${BUILD_TIMEOUT:-135}  # the H200 built in 57 s (2026-12-04)
 LIMIT_TESTS=${TEST_TIMEOUT:-130}
 LIMIT_QUEUE=${QUEUE_TIMEOUT:-45}
 LIMIT_BENCH=${BENCH_TIMEOUT:-65}
+LIMIT_PROFILE=${PROFILE_TIMEOUT:-30}
 LIMIT_EXTRAS=${EXTRAS_TIMEOUT:-25}
-STAGES="env:$LIMIT_ENV build:$LIMIT_BUILD tests:$LIMIT_TESTS queue:$LIMIT_QUEUE bench:$LIMIT_BENCH extras:$LIMIT_EXTRAS"
+STAGES="env:$LIMIT_ENV build:$LIMIT_BUILD tests:$LIMIT_TESTS queue:$LIMIT_QUEUE bench:$LIMIT_BENCH profile:$LIMIT_PROFILE extras:$LIMIT_EXTRAS"
 TOTAL=0
 for s in $STAGES; do TOTAL=$((TOTAL + ${s#*:} + KILL_GRACE)); done
 echo "stage limits (s): $STAGES, +${KILL_GRACE} s grace each: total $TOTAL s of a $BUDGET_S s budget"
@@ -46,7 +47,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ "$DRY" = 1 ]; then export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""; else unset TRITON_INTERPRET; fi
-ONLY=" ${GPU_CHECK_ONLY:-env build tests queue bench extras} "
+ONLY=" ${GPU_CHECK_ONLY:-env build tests queue bench profile extras} "
 want() { case "$ONLY" in *" $1 "*) return 0 ;; *) echo "== $1: skipped (GPU_CHECK_ONLY)"; return 1 ;; esac; }
 
 SECONDS=0
@@ -68,6 +69,7 @@ if [ "$DRY" = 1 ]; then  # tiny sizes on CPU: every stage's command line runs, i
   QUEUE_ARGS="--n 8 --dim 16 --sizes 64 --dtype float32 --full-up-to 64 --exact-up-to 64 --reps 1 --budget 5"
   BENCH_ARGS=${BENCH_ARGS:---tiny --reps 1 --budget 5 --no-compile}
   TUNE_ARGS=${TUNE_ARGS:---device cpu --m 64 --d 32 --configs 32,32,32,1,1}
+  PROFILE_ARGS=${PROFILE_ARGS:---m 64 --dim 32 --n 8 --queue-size 256 --queue-dim 16 --dtype float32}
 else
   DEVICE=cuda
   # GPU_TESTS: test files; GPU_TESTS_K: a pytest -k expression (kept separate: it has spaces).
@@ -83,6 +85,8 @@ else
   # (a second compile per config would not fit the stage limit).
   BENCH_ARGS=${BENCH_ARGS:---reps 10 --budget 8 --baselines reference,plain,plain+compile}
   TUNE_ARGS=${TUNE_ARGS:-}
+  # one dense step (M = d = 4096) and one queue step (N = 256, q = 2^20, d = 1280), bf16, per backend
+  PROFILE_ARGS=${PROFILE_ARGS:-}
 fi
 
 if want env; then
@@ -127,6 +131,12 @@ fi
 if want bench; then
 stage "benchmark, no sweep (limit $LIMIT_BENCH s)"
 run bench "$LIMIT_BENCH" bench.log $PY -m benchmarks.compare --device "$DEVICE" --out "$OUT" --no-sweep $BENCH_ARGS
+fi
+
+if want profile; then
+stage "per-kernel profile of a dense and a queue step per backend (limit $LIMIT_PROFILE s)"
+run profile "$LIMIT_PROFILE" profile.log $PY -m benchmarks.profile_steps --device "$DEVICE" --out "$OUT" $PROFILE_ARGS
+grep -E "^## |^device time" "$OUT/profile_$DEVICE.md" 2>/dev/null
 fi
 
 if want extras; then

@@ -18,7 +18,7 @@ except ImportError:  # Python < 3.11
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
-STAGES = ["env", "build", "tests", "queue", "bench", "extras"]  # by value: a cut run loses the tail
+STAGES = ["env", "build", "tests", "queue", "bench", "profile", "extras"]  # by value: a cut run loses the tail
 BUDGET_S = 480  # one 10-minute command, with room for the machine's start and the transfers
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -81,7 +81,7 @@ def test_dry_run_runs_every_stage_in_order(tmp_path):
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text
     exits = re.findall(r"^(\w+) exit (\d+)$", proc.stdout, re.M)
-    assert [name for name, _ in exits] == ["env", "build", "tests", "queue", "bench", "tune"], text
+    assert [name for name, _ in exits] == ["env", "build", "tests", "queue", "bench", "profile", "tune"], text
     assert all(rc == "0" for _, rc in exits), text
     suite = ET.parse(out / "tests.xml").getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -89,5 +89,8 @@ def test_dry_run_runs_every_stage_in_order(tmp_path):
     assert "| 64 |" in (out / "queue_steps_cpu.md").read_text()
     bench = (out / "compare_cpu.md").read_text()
     assert "tiny: N=64+Q=16 d=32 fp32 | reference |" in bench and "scaling sweep" not in bench
+    profile = (out / "profile_cpu.md").read_text()
+    assert "## dense step, M=64 d=32 float32, backend dense" in profile and "## queue step" in profile
+    assert "failed:" not in profile and re.search(r"aten op calls [1-9]", profile)
     assert re.search(r"^\| 32,32,32,1,1 \| [\d.]+ ms \| [\d.]+ ms \|$", (out / "tune.log").read_text(), re.M)
     assert proc.stdout.rstrip().endswith("done")
