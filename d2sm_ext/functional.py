@@ -173,9 +173,10 @@ def d2sm_divergence(
         queue: a ``FeatureQueue`` whose filled rows are the memory rows (instead of x_memory /
             y_memory). The result equals ``x_memory, y_memory = queue.memory()`` passed as memory
             rows, values and gradients. With ``FeatureQueue(statistics=True, eps=eps)`` and kl,
-            reverse_kl or symmetric_kl on a fused backend, it is computed from the queue's kept
-            statistics in O(N·q·d) (docs/DESIGN.md §3.6); otherwise (js, the reference backend, a
-            queue without statistics) by the full pass over the memory rows. x must be (N, d).
+            reverse_kl or symmetric_kl, it is computed from the queue's kept statistics in
+            O(N·q·d) (docs/DESIGN.md §3.6), an empty queue included, and leaves the batch pending
+            for ``queue.enqueue_last_batch()``; otherwise (js, a queue without statistics) by the
+            full pass over the memory rows. x must be (N, d).
             With a sharded queue (``FeatureQueue(shard=True)`` under W ranks; kl, reverse_kl,
             symmetric_kl; "mean"/"sum") every rank calls it: the sample set is every rank's x (rank
             order) followed by the whole queue, the value is the same on every rank, and x's gradient
@@ -211,7 +212,7 @@ def d2sm_divergence(
         x.device, x.dtype, tf32, x.shape[0] if x.ndim == 3 else 1,
         x.shape[-2] + (0 if x_memory is None else x_memory.shape[-2]), x.shape[-1])
     impl = resolve_backend(backend, x.device.type, x.dtype, float(eps), problem, need_queue=view is not None)
-    if view is not None and x_memory.shape[0] > 0:
+    if view is not None:  # an empty queue too: its loss, like every later one, leaves the batch pending
         view.x, view.y = x_memory, y_memory  # promoted with x
         return queue_stats.queue_divergence(x, y, view, divergence, exclude_self, reduction, eps, impl.queue, tf32)
     return impl.fn(

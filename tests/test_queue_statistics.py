@@ -352,6 +352,78 @@ def test_enqueue_last_batch_reuses_the_losss_sums_and_stays_exact(row, dtype):
     assert rel_err(kept, q.stats.row_sums) < tol
 
 
+CPU_ROW_DTYPES = [pytest.param(p.values[0], dtype, id=f"{p.id}-{str(dtype).split('.')[-1]}")
+                  for p in rows_params(device="cpu", variants=False) for dtype in p.values[0].dtypes]
+
+
+@pytest.mark.parametrize("row, dtype", CPU_ROW_DTYPES)
+def test_the_training_loop_runs_from_an_empty_queue(row, dtype):
+    """README's loop (loss over the batch and the queue, backward, enqueue_last_batch) from its
+    first step, on a new queue and after reset(), with a first batch that fits and one larger than
+    the queue (with a non-finite row): the loss over the empty queue equals the full pass over
+    the batch alone and leaves the batch pending; enqueue_last_batch gives the rows and kept sums
+    a twin queue gets from enqueue(x, y), and an exact recomputation; the next step continues."""
+    size, dim = 7, 5
+    rtol = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    sums_tol = 1e-12 if dtype == torch.float64 else 1e-6
+    g = torch.Generator().manual_seed(3)
+    q = FeatureQueue(size, dim, dtype=dtype, statistics=True, backend=row.backend)
+    twin = FeatureQueue(size, dim, dtype=dtype, statistics=True, backend=row.backend)
+    for first in (4, size + 3):
+        if first > size:
+            q.reset()
+            twin.reset()
+        for step, n in enumerate((first, 3)):
+            x, y = _random_batch(g, n, dim, dtype, nonfinite=first > size and step == 0)
+            xm, ym = q.memory()
+            assert (xm.shape[0] == 0) == (step == 0)
+            values, grads = [], []
+            for memory in ({"queue": q}, {"x_memory": xm, "y_memory": ym}):
+                xg = x.clone().requires_grad_(True)
+                v = d2sm_ext.d2sm_divergence(xg, y, backend=row.backend, **memory)
+                v.backward()
+                values.append(v.detach())
+                grads.append(xg.grad)
+            if torch.isfinite(values[1]):
+                assert rel_err(values[0], values[1]) <= rtol and rel_err(grads[0], grads[1]) <= rtol, (first, step)
+            else:  # a non-finite row: NaN value and gradients, as the full pass
+                assert torch.isnan(values[0]) and torch.isnan(grads[0]).all()
+            assert q.stats.has_pending(), (first, step)
+            q.enqueue_last_batch()
+            twin.enqueue(x, y)
+            assert len(q) == len(twin) and torch.equal(q.x_buffer, twin.x_buffer)
+            assert rel_err(q.stats.row_sums, twin.stats.row_sums) <= sums_tol, (first, step)
+            kept = q.stats.row_sums.clone()
+            q.refresh_statistics()
+            assert rel_err(kept, q.stats.row_sums) <= sums_tol, (first, step)
+
+
+def test_d2smloss_enqueues_its_first_batch_from_the_losss_sums(monkeypatch):
+    """D2SMLoss with a queue, from its first training step: every step's batch enters through
+    enqueue_last_batch (the loss's own rows and sums), the first loss is the loss over the batch
+    alone, and the kept sums stay exact."""
+    from loss_cases import tiny_extractor
+
+    crit = d2sm_ext.D2SMLoss(extractor=tiny_extractor(), sampling="batch", queue_size=8)
+    alone = d2sm_ext.D2SMLoss(extractor=tiny_extractor(), sampling="batch")
+    calls = []
+    for name in ("enqueue", "enqueue_last_batch"):
+        real = getattr(crit.queue, name)
+        monkeypatch.setattr(crit.queue, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name),
+                                                                                       _real(*a, **k))[1])
+    g = torch.Generator().manual_seed(4)
+    for step in range(3):
+        imgs = torch.rand(3, 3, 12, 12, generator=g)
+        loss = crit(imgs.clone().requires_grad_(True), imgs.flip(0))
+        loss.backward()
+        if step == 0:
+            torch.testing.assert_close(loss.detach(), alone(imgs, imgs.flip(0)), rtol=1e-6, atol=0)
+    assert calls == ["enqueue_last_batch"] * 3 and len(crit.queue) == 8
+    kept = crit.queue.stats.row_sums.clone()
+    crit.queue.refresh_statistics()
+    assert rel_err(kept, crit.queue.stats.row_sums) < 1e-6
+
+
 def test_enqueue_last_batch_cannot_be_fooled():
     """Every way a user can break the reuse: another batch enqueued in between, two losses before
     one enqueue, a loss over another queue, a slice or .data write of the batch, a loss whose rows
