@@ -20,7 +20,9 @@ from typing import Optional
 
 import torch
 
-from . import auto_rules, queue_shard, queue_stats
+from . import auto_rules
+from .queue import shard as queue_shard
+from .queue import statistics as queue_stats
 from .fused_op import use_tf32
 from .registry import resolve_backend
 from .reference import DIVERGENCES, REDUCTIONS, promote, safe_rows

@@ -47,7 +47,7 @@ from .extractors import build_extractor
 from .functional import d2sm_divergence
 from .patches import extract_patches
 from .queue import FeatureQueue
-from .queue_stats import DECOMPOSABLE
+from .queue.statistics import DECOMPOSABLE
 from .reference import DIVERGENCES, output_dtype
 
 SAMPLINGS = ("internal", "pooled", "batch")

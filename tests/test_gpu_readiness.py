@@ -10,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import d2sm_ext
 from backend_cases import assert_f32_close, low_precision_bound, make_inputs, max_err, reference64
 from benchmarks.common import peak_memory_bytes
-from d2sm_ext import FeatureQueue, fused_op, queue_stats
+from d2sm_ext import FeatureQueue, fused_op
+from d2sm_ext.queue import statistics as queue_stats
 from d2sm_ext.backends import cpp_backend
 from d2sm_ext.reference import dense_divergence
 

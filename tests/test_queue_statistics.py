@@ -10,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import d2sm_ext
 from backend_cases import assert_f32_close
 from backend_matrix import rows_params
-from d2sm_ext import FeatureQueue, queue_stats
+from d2sm_ext import FeatureQueue
+from d2sm_ext.queue import statistics as queue_stats
 from d2sm_ext.reference import DIVERGENCES, REDUCTIONS
 
 FUSED = [pytest.param(p.values[0], id=p.id) for p in rows_params(fused=True, variants=False)]

@@ -31,10 +31,10 @@ from typing import Callable, Optional
 
 import torch
 
-from . import fused_op, sizing
-from .distributed import RankLocalState
-from .reference import compute_dtype, output_dtype
-from .reference import inverse_norms as reference_inverse_norms
+from .. import fused_op, sizing
+from ..distributed import RankLocalState
+from ..reference import compute_dtype, output_dtype
+from ..reference import inverse_norms as reference_inverse_norms
 
 # Divergences whose per-row values decompose into the sums A, B, C, D.
 DECOMPOSABLE = ("kl", "reverse_kl", "symmetric_kl")
@@ -184,7 +184,7 @@ class EnqueuePlan:
 
 class SlotLayout:
     """Which slots of the queue this process stores, and where: the whole ring, slot s at s.
-    ``queue_shard.ShardLayout`` is the sharded queue's (docs/DESIGN.md §3.7): slot s on rank s mod W.
+    ``shard.ShardLayout`` is the sharded queue's (docs/DESIGN.md §3.7): slot s on rank s mod W.
     The statistics' update is written once against this interface."""
 
     def positions(self, n: int, device) -> torch.Tensor:

@@ -21,7 +21,7 @@ sums A, B, C, D of its pair terms over the other queue rows, for one kernel floo
 updates them on enqueue (the entering rows' terms added, the evicted rows' terms subtracted:
 O(N·q·d)). ``d2sm_divergence(x, y, queue=queue)`` then costs O(N·q·d) per step instead of
 O((N+q)²·d). ``refresh_statistics()`` recomputes them exactly (O(q²·d)). The sums live in
-``queue.stats`` (``queue_stats.QueueStatistics``), next to their math; this module is the ring.
+``queue.stats`` (``statistics.QueueStatistics``), next to their math; this module is the ring.
 
 The fast step: ``queue.enqueue_last_batch()`` instead of ``enqueue(fx, fy)`` enqueues the rows of
 the last loss computed against the queue (the loss's own copy, taken then) from the sums that loss
@@ -37,11 +37,11 @@ from typing import Optional
 
 import torch
 
-from . import distributed as dist_helpers
-from . import queue_shard
-from .queue_stats import EnqueuePlan, QueueStatistics, QueueView, SlotLayout, finite_rows
-from .reference import compute_dtype, safe_rows
-from .registry import resolve_backend
+from .. import distributed as dist_helpers
+from . import shard as sharding  # (not `shard`: FeatureQueue's argument of that name)
+from ..reference import compute_dtype, safe_rows
+from ..registry import resolve_backend
+from .statistics import EnqueuePlan, QueueStatistics, QueueView, SlotLayout, finite_rows
 
 # The state entries with one entry per slot, and the dimension that runs over the slots (what a
 # sharded queue re-splits when it loads a whole queue's state).
@@ -104,8 +104,8 @@ class FeatureQueue(dist_helpers.RankLocalState):
             world, rank = dist_helpers.world_and_rank(group)
             if size < world:
                 raise ValueError(f"a sharded queue stores at least one slot per rank: size {size} < {world} ranks")
-            self.layout = queue_shard.ShardLayout(world, rank, group)
-            stored = queue_shard.capacity(size, world, rank)
+            self.layout = sharding.ShardLayout(world, rank, group)
+            stored = sharding.capacity(size, world, rank)
         self.register_buffer("x_buffer", torch.zeros(stored, dim, dtype=dtype, device=device))
         self.register_buffer("y_buffer", torch.zeros(stored, dim, dtype=dtype, device=device))
         # Next slot to write and number of filled slots; int64 scalars on the buffers' device.
@@ -129,7 +129,7 @@ class FeatureQueue(dist_helpers.RankLocalState):
     @property
     def sharded(self) -> bool:
         """The rows are stored across the ranks of a process group (``shard=True`` under W > 1 ranks)."""
-        return isinstance(self.layout, queue_shard.ShardLayout)
+        return isinstance(self.layout, sharding.ShardLayout)
 
     def _shard_info(self) -> Optional[dict]:
         if not self.sharded:
@@ -256,7 +256,7 @@ class FeatureQueue(dist_helpers.RankLocalState):
         """Filled rows this process stores (all of them unless sharded)."""
         n = self._filled_count()
         if self.sharded:
-            return queue_shard.capacity(n, self.layout.world, self.layout.rank)
+            return sharding.capacity(n, self.layout.world, self.layout.rank)
         return n
 
     def memory(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,7 +283,7 @@ class FeatureQueue(dist_helpers.RankLocalState):
 
     def statistics_view(self) -> QueueView:
         """The filled rows, their statistics and the enqueue planner, for the kept-statistics
-        loss (``queue_stats.queue_divergence``)."""
+        loss (``statistics.queue_divergence``)."""
         self._require_statistics()
         self._check_shard()
         xm, ym = self.memory()
@@ -373,7 +373,7 @@ class FeatureQueue(dist_helpers.RankLocalState):
             y = y.detach().reshape(-1, self.dim).to(self.y_buffer.dtype)
         except (TypeError, ValueError) as e:
             error = e  # raised after the first gather, on every rank
-        x, y, _, _ = queue_shard.gather_batch(x, y, (False, False), error, self.x_buffer.device, self.layout.group)
+        x, y, _, _ = sharding.gather_batch(x, y, (False, False), error, self.x_buffer.device, self.layout.group)
         # the fill count is known on the host (the gather synchronised): no collective for the
         # rows the slots hold when none can leave
         self._write(safe_rows(x), safe_rows(y), None, evicts=self._filled_count() + x.shape[0] > self.size)
@@ -445,7 +445,7 @@ class FeatureQueue(dist_helpers.RankLocalState):
         self._require_statistics()
         n = self._stored_count()
         xm, ym = self.x_buffer[:n], self.y_buffer[:n]
-        others = queue_shard.other_shards(self.layout, xm, ym, len(self)) if self.sharded else ()
+        others = sharding.other_shards(self.layout, xm, ym, len(self)) if self.sharded else ()
         self.stats.refresh(xm, ym, others)
 
     @torch.no_grad()
@@ -456,4 +456,4 @@ class FeatureQueue(dist_helpers.RankLocalState):
         unsharded queue, its ``state_dict()``."""
         if not self.sharded:
             return self.state_dict()
-        return queue_shard.full_state(self)
+        return sharding.full_state(self)

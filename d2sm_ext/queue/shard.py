@@ -31,9 +31,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import distributed as dist_helpers
-from . import fused_op, queue_stats
-from .reference import compute_dtype, output_dtype
+from .. import distributed as dist_helpers
+from .. import fused_op
+from . import statistics
+from ..reference import compute_dtype, output_dtype
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -45,7 +46,7 @@ def capacity(size: int, world: int, rank: int) -> int:
     return max(0, -(-(size - rank) // world))
 
 
-class ShardLayout(queue_stats.SlotLayout):
+class ShardLayout(statistics.SlotLayout):
     """Rank ``rank`` of ``world`` stores slot s = i·W + rank at local index i."""
 
     def __init__(self, world: int, rank: int, group=None):
@@ -95,9 +96,9 @@ class ShardLayout(queue_stats.SlotLayout):
 # The loss over (every rank's live rows, the sharded queue)
 # ---------------------------------------------------------------------------------------------
 def check_divergence(divergence: str, reduction: str) -> None:
-    if divergence not in queue_stats.DECOMPOSABLE:
+    if divergence not in statistics.DECOMPOSABLE:
         raise ValueError(f"a sharded queue computes the loss from its kept statistics, which exist for "
-                         f"{queue_stats.DECOMPOSABLE}; divergence {divergence!r} does not decompose into them "
+                         f"{statistics.DECOMPOSABLE}; divergence {divergence!r} does not decompose into them "
                          f"(use one of those, or an unsharded FeatureQueue for js)")
     if reduction == "none":
         raise ValueError("reduction='none' is not available with a sharded queue: the queue rows' values live on "
@@ -128,28 +129,28 @@ def _gradients(kernels, x_all, y_all, view, totals, finite, norms, grams, weight
     cdt = compute_dtype(x_all.dtype)
     nan = torch.where(finite.all(), 0.0, math.nan)
     if kernels.backward is not None:
-        _, ubar, vbar = queue_stats.divergence_rows(totals, divergence)
+        _, ubar, vbar = statistics.divergence_rows(totals, divergence)
         saved = torch.stack([norms[0], norms[1], totals[0].to(cdt), totals[1].to(cdt), ubar.to(cdt),
                              vbar.to(cdt)])[:, None, :]
         inputs = (x_all, y_all, view.x, view.y, saved, nan)
-        gx, gy = queue_stats._backward(kernels, inputs, weights, options, need[0], need[1], grams)
+        gx, gy = statistics._backward(kernels, inputs, weights, options, need[0], need[1], grams)
         if rank != 0:  # the live rows' own block counts once, on rank 0
             empty = x_all[:0]
             live = (x_all, y_all, empty, empty, saved[:, :, :n], nan)
-            lx, ly = queue_stats._backward(kernels, live, weights[:, :n], options, need[0], need[1], None)
+            lx, ly = statistics._backward(kernels, live, weights[:, :n], options, need[0], need[1], None)
             gx, gy = (gx - lx if need[0] else gx), (gy - ly if need[1] else gy)
         return gx, gy
     # Differentiable sums (the reference): ∂value/∂x = Σ ∂value/∂S · ∂S/∂x over this rank's sums S.
     with torch.enable_grad():
         sums = totals.detach().requires_grad_()
-        rows = queue_stats._reduce(queue_stats.divergence_rows(sums, divergence)[0], finite, "none")
+        rows = statistics._reduce(statistics.divergence_rows(sums, divergence)[0], finite, "none")
         (g,) = torch.autograd.grad((weights[0] * rows).sum(), [sums])
         xa, ya = x_all.detach().requires_grad_(need[0]), y_all.detach().requires_grad_(need[1])
-        rx, ry = queue_stats.inverse_norms(xa), queue_stats.inverse_norms(ya)
+        rx, ry = statistics.inverse_norms(xa), statistics.inverse_norms(ya)
         live, cols, _, _ = kernels.cross_sums(xa, ya, rx, ry, view.x, view.y, norms[0][n:], norms[1][n:], eps,
                                               finite.to(cdt), None, n, False)
         if rank == 0:
-            live = live + queue_stats.block_sums(xa, ya, rx, ry, eps, exclude_self)
+            live = live + statistics.block_sums(xa, ya, rx, ry, eps, exclude_self)
         surrogate = (g[:, :n] * live).sum() + (g[:, n:] * cols[0]).sum()
         wrt = [t for t, needed in ((xa, need[0]), (ya, need[1])) if needed]
         if surrogate.requires_grad:  # (not when this rank holds no pair: no queue rows, not rank 0)
@@ -203,9 +204,9 @@ def sharded_divergence(x, y, x_all, y_all, offset, need, view, layout: ShardLayo
     want_y = torch.is_grad_enabled() and y.requires_grad
     with torch.no_grad():
         keep = any(need) and kernels.backward is not None and kernels.keeps_gram
-        totals, finite, (rx, ry, rxm, rym), grams = queue_stats._totals(
+        totals, finite, (rx, ry, rxm, rym), grams = statistics._totals(
             x_all, y_all, view, divergence, exclude_self, eps, kernels, keep, reduce=layout.reduce)
-        rows = queue_stats._reduce(queue_stats.divergence_rows(totals, divergence)[0], finite, "none")
+        rows = statistics._reduce(statistics.divergence_rows(totals, divergence)[0], finite, "none")
         total = rows[:n_all].sum() + layout.reduce(rows[n_all:].sum())
         m = n_all + q_global
         value = total / m if reduction == "mean" else total
