@@ -48,8 +48,9 @@ class SlotLayout:
         """Sums formed over this process's slots → sums over the whole queue."""
         return t
 
-    def check_call(self, divergence: str, reduction: str) -> None:
-        """Raise for a loss this layout cannot compute (here: any that keeps statistics can)."""
+    def check_call(self, divergence: str, reduction: str, kept_for: tuple) -> None:
+        """Raise for a loss this layout cannot compute; ``kept_for``: the divergences the kept
+        statistics serve (here every loss can be computed: the others by the full pass)."""
 
     def gather(self, x, y, need: tuple, error, device):
         """The step's live rows: (x_all, y_all, offset of this call's rows in them, need) — here

@@ -35,7 +35,6 @@ import torch.distributed as dist
 
 from .. import distributed as dist_helpers
 from .layout import SlotLayout
-from .statistics import DECOMPOSABLE
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -96,10 +95,10 @@ class ShardLayout(SlotLayout):
         dist.all_gather(parts, flat, group=self.group)
         return sum(parts[1:], parts[0]).reshape(t.shape)
 
-    def check_call(self, divergence: str, reduction: str) -> None:
-        if divergence not in DECOMPOSABLE:
+    def check_call(self, divergence: str, reduction: str, kept_for: tuple) -> None:
+        if divergence not in kept_for:
             raise ValueError(f"a sharded queue computes the loss from its kept statistics, which exist for "
-                             f"{DECOMPOSABLE}; divergence {divergence!r} does not decompose into them "
+                             f"{kept_for}; divergence {divergence!r} does not decompose into them "
                              f"(use one of those, or an unsharded FeatureQueue for js)")
         if reduction == "none":
             raise ValueError("reduction='none' is not available with a sharded queue: the queue rows' values live "

@@ -55,7 +55,7 @@ def check_queue_call(queue, x, x_memory, eps, divergence: str, reduction: str) -
         raise ValueError("give either queue or x_memory/y_memory, not both")
     if isinstance(x, torch.Tensor) and x.ndim != 2:
         raise ValueError(f"with a queue, x must be (N, d) (one sample set), got shape {tuple(x.shape)}")
-    queue.layout.check_call(divergence, reduction)
+    queue.layout.check_call(divergence, reduction, DECOMPOSABLE)
     if queue.statistics_enabled and divergence in DECOMPOSABLE and float(eps) != queue.eps:
         raise ValueError(f"the queue keeps statistics for eps={queue.eps}, but eps={eps} was given: use the same "
                          f"eps, or FeatureQueue(..., eps={eps})")
