@@ -35,7 +35,8 @@ import time
 import torch
 
 import d2sm_ext
-from d2sm_ext import queue_stats
+from d2sm_ext.queue.statistics import inverse_norms
+from d2sm_ext.reference import compute_dtype
 from benchmarks.common import peak_memory_bytes, summarize, synchronize, time_ms
 
 
@@ -57,8 +58,8 @@ def make_queue(size: int, dim: int, device: str, dtype: torch.dtype, statistics:
             queue.refresh_statistics()
         else:
             stats = queue.stats
-            stats.row_inv_norms[0] = queue_stats.inverse_norms(queue.x_buffer)
-            stats.row_inv_norms[1] = queue_stats.inverse_norms(queue.y_buffer)
+            stats.row_inv_norms[0] = inverse_norms(queue.x_buffer)
+            stats.row_inv_norms[1] = inverse_norms(queue.y_buffer)
             stats.row_sums[:2] = 0.5 * (size - 1)
             stats.row_sums[2:] = 1e-3 * size
     return queue
@@ -95,7 +96,7 @@ def _timed(fn, device: str) -> float:
 def floor_fn(queue, n: int, device: str, dtype: torch.dtype):
     """The three products a step cannot avoid, in the dtype the step multiplies in (the compute
     dtype on CPU, the input dtype on CUDA)."""
-    mm_dtype = dtype if device == "cuda" else queue_stats.compute_dtype(dtype)
+    mm_dtype = dtype if device == "cuda" else compute_dtype(dtype)
     xb, yb = queue.x_buffer.to(mm_dtype), queue.y_buffer.to(mm_dtype)
     g = torch.Generator(device=device).manual_seed(2)
     rows = torch.randn(2 * n, xb.shape[1], generator=g, device=device).to(mm_dtype)
@@ -119,8 +120,8 @@ def _sharded_queue(size: int, dim: int, dtype: torch.dtype):
         queue.x_buffer.copy_(torch.randn(rows, dim, generator=g).to(dtype))
         queue.y_buffer.copy_(queue.x_buffer + 0.7 * torch.randn(rows, dim, generator=g).to(dtype))
         queue.filled.fill_(size)
-        queue.stats.row_inv_norms[0] = queue_stats.inverse_norms(queue.x_buffer)
-        queue.stats.row_inv_norms[1] = queue_stats.inverse_norms(queue.y_buffer)
+        queue.stats.row_inv_norms[0] = inverse_norms(queue.x_buffer)
+        queue.stats.row_inv_norms[1] = inverse_norms(queue.y_buffer)
         queue.stats.row_sums[:2] = 0.5 * (size - 1)
         queue.stats.row_sums[2:] = 1e-3 * size
     return queue

@@ -1,4 +1,7 @@
-"""torch.distributed helpers: all-gathering feature rows of different lengths per rank.
+"""Process-group primitives: all-gathers of feature rows of different lengths per rank, the
+sum of a count over the ranks, the gradient scaling a rank-local loss needs under DDP, and
+``RankLocalState`` (tensors that differ across ranks, outside DDP's buffer broadcast). This
+module sits below the queue and imports nothing of it.
 
 Semantics used by FeatureQueue and D2SMLoss under DDP (README "Distributed training"):
 
@@ -77,57 +80,6 @@ def scale_local_gradient(loss: torch.Tensor, world: int) -> torch.Tensor:
     return loss * world - (loss * (world - 1)).detach()
 
 
-def queue_buffer_names(model: "torch.nn.Module") -> list[str]:
-    """Names, relative to ``model``, of the buffers of every FeatureQueue inside it (the rows, the
-    fill state and the kept statistics), as ``model.named_buffers()`` spells them."""
-    from .queue import FeatureQueue
-
-    names = []
-    for module_name, module in model.named_modules():
-        if isinstance(module, FeatureQueue):
-            names += [name for name, _ in module.named_buffers(prefix=module_name)]
-    return names
-
-
-def ddp_ignore_queues(model: "torch.nn.Module") -> "torch.nn.Module":
-    """Make ``DistributedDataParallel(model)`` leave every FeatureQueue inside ``model`` alone
-    (a D2SMLoss held by the model included). Call it on the module you wrap, before wrapping;
-    returns ``model``: ``DDP(ddp_ignore_queues(model))``.
-
-    Why: DDP broadcasts every buffer of the wrapped module from rank 0 before each forward
-    (``broadcast_buffers=True``, its default). A queue's buffers need none of it — the queue
-    all-gathers each enqueued batch, so every rank already holds the same rows and sums — and
-    the copy is pure cost (issue 21 measured q = 16384, d = 1280: 417 ms vs 192 ms per step)
-    that would also hide a disagreement between ranks. DDP skips the names listed in the wrapped module's
-    ``_ddp_params_and_buffers_to_ignore`` (set through
-    ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``, read once, when DDP
-    is constructed, from the module it wraps); this adds the queues' buffer names to that list,
-    keeping any names already there. Parameters and other buffers are synchronised as before.
-    """
-    from torch.nn.parallel import DistributedDataParallel
-
-    existing = list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
-    names = existing + [n for n in queue_buffer_names(model) if n not in existing]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
-    return model
-
-
-def full_state_dict(model: "torch.nn.Module") -> dict:
-    """``model.state_dict()`` with every sharded FeatureQueue's entries replaced by the whole
-    queue's state (``FeatureQueue.full_state_dict``): a checkpoint that loads on any world size,
-    or in one process. A collective: every rank calls it (then, typically, rank 0 saves it)."""
-    from .queue import FeatureQueue
-
-    state = model.state_dict()
-    for name, module in model.named_modules():
-        if isinstance(module, FeatureQueue) and module.sharded:
-            prefix = f"{name}." if name else ""
-            for key in [k for k in state if k.startswith(prefix)]:
-                del state[key]
-            state.update({prefix + k: v for k, v in module.full_state_dict().items()})
-    return state
-
-
 def resolve(flag: Optional[bool], group=None) -> bool:
     """``None``: distributed exactly when a multi-rank process group is initialised."""
     return active(group) if flag is None else bool(flag)
@@ -179,3 +131,17 @@ class RankLocalState(nn.Module):
         for name in getattr(self, "_rank_local", ()):
             object.__setattr__(self, name, fn(getattr(self, name)))
         return self
+
+
+# The model-level queue helpers live with the queue (d2sm_ext/queue/model_helpers.py), which is built
+# on this module. They keep their public names here, imported on first access (PEP 562), so that
+# this module imports nothing of the queue when it is loaded: no import points up from it.
+_QUEUE_HELPERS = ("full_state_dict", "ddp_ignore_queues", "queue_buffer_names")
+
+
+def __getattr__(name: str):
+    if name in _QUEUE_HELPERS:
+        from .queue import model_helpers
+
+        return getattr(model_helpers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

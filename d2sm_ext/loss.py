@@ -47,7 +47,7 @@ from .extractors import build_extractor
 from .functional import d2sm_divergence
 from .patches import extract_patches
 from .queue import FeatureQueue
-from .queue_stats import DECOMPOSABLE
+from .queue.statistics import DECOMPOSABLE
 from .reference import DIVERGENCES, output_dtype
 
 SAMPLINGS = ("internal", "pooled", "batch")
@@ -327,10 +327,10 @@ class D2SMLoss(nn.Module):
             loss = zero
             used_queue = False
         else:
-            # the queue's rows (its dtype: d2sm_divergence promotes) join the sample set
+            # the queue's rows (its dtype: d2sm_divergence promotes) join the sample set; an empty
+            # queue too, so that its first loss leaves the batch pending as every later one does
             loss = d2sm_divergence(fx, fy, divergence=self.divergence, exclude_self=self.exclude_self,
-                                   reduction="mean", eps=self.eps, backend=self.backend,
-                                   queue=self.queue if queued or sharded else None) + zero
+                                   reduction="mean", eps=self.eps, backend=self.backend, queue=self.queue) + zero
             used_queue = self.queue is not None and self.queue.statistics_enabled and self.queue.stats.has_pending()
         if self.queue is not None and self.training:
             if used_queue and (sharded or not (distributed and not self.gather_live)):

@@ -29,7 +29,7 @@ class QueueKernels:
 
     cross_sums(xr, yr, rxr, ryr, xc, yc, rxc, ryc, eps, row_weight, col_weight, row_split, keep_gram)
         -> (row_sums (4, R), col_sums (2, 4, C), gram_x, gram_y): float64 weighted sums of the four
-        pair terms between row set R and column set C (``queue_stats.cross_sums_torch`` is the
+        pair terms between row set R and column set C (``queue.statistics.cross_sums_torch`` is the
         definition), the column sums split into the rows before ``row_split`` and the rest; with
         keep_gram the raw Gram blocks (R, C) of x and y (else None). Never an R×C matrix unless
         keep_gram asks for it.

@@ -147,7 +147,7 @@ def triton_row_splits(device: torch.device, rows: int, programs: int, out_elemen
 
 
 # ---------------------------------------------------------------------------------------------
-# Queue statistics (d2sm_ext/queue_stats.py)
+# Queue statistics (d2sm_ext/queue/statistics.py)
 # ---------------------------------------------------------------------------------------------
 QUEUE_CHUNK_MB = 64.0  # default budget of one chunk of the PyTorch cross/block sums
 # The loss keeps the cross block's Gram blocks for the gradient and the enqueue when both sides'

@@ -163,6 +163,47 @@ def phase_collectives(rank, world, result):
                              "filled": len(queue)}
 
 
+def phase_from_empty(rank, world, result):
+    """The training loop (loss, backward, enqueue_last_batch) from its first step on a new queue and
+    after reset(), against one process's whole queue fed enqueue(): the first loss leaves the
+    batch pending on every rank and its enqueue gives the whole queue's rows and sums. The new
+    queue's first batch fits; after the reset it is larger than the queue (a plan, nothing evicted)."""
+    out = {}
+    for backend in ("cpu", "reference"):
+        for dtype in (torch.float32, torch.float64):
+            sharded = FeatureQueue(SIZE, DIM, dtype=dtype, statistics=True, shard=True, backend=backend)
+            whole = FeatureQueue(SIZE, DIM, dtype=dtype, statistics=True, backend=backend)
+            case = {"raised": [], "pending": [], "value": 0.0, "grad_x": 0.0, "rows_equal": [], "sums_error": 0.0}
+            for phase, first in (("new", 3), ("reset", SIZE // world + 1)):
+                if phase == "reset":
+                    sharded.reset()
+                    whole.reset()
+                for step, rows in enumerate((first, 2)):
+                    g = torch.Generator().manual_seed(500 + 10 * step + rows)
+                    parts = [torch.randn(2, rows + r, DIM, generator=g, dtype=torch.float64).to(dtype)
+                             for r in range(world)]
+                    x, y = parts[rank][0].clone().requires_grad_(), parts[rank][1]
+                    offset = sum(p.shape[1] for p in parts[:rank])
+                    xs = torch.cat([p[0] for p in parts]).requires_grad_()
+                    ys = torch.cat([p[1] for p in parts])
+                    loss = d2sm_divergence(x, y, queue=sharded, backend=backend)
+                    expected = d2sm_divergence(xs, ys, queue=whole, backend=backend)
+                    loss.backward()
+                    expected.backward()
+                    case["value"] = max(case["value"], _relative(loss.detach().reshape(1), expected.detach().reshape(1)))
+                    case["grad_x"] = max(case["grad_x"], _relative(x.grad, xs.grad[offset:offset + x.shape[0]]))
+                    case["pending"].append(sharded.stats.has_pending())
+                    case["raised"].append(_raises(sharded.enqueue_last_batch))
+                    whole.enqueue(xs.detach(), ys, distributed=False)
+                    mine = torch.arange(sharded.x_buffer.shape[0]) * world + rank
+                    case["rows_equal"].append(torch.equal(sharded.x_buffer, whole.x_buffer[mine]))
+                    want = whole.stats.row_sums[:, mine]
+                    case["sums_error"] = max(case["sums_error"], float(
+                        ((sharded.stats.row_sums - want).abs() / want.abs().clamp_min(1e-300)).max()))
+            out[f"{backend}-{str(dtype).split('.')[-1]}"] = case
+    result["from_empty"] = out
+
+
 def _raises(fn) -> str:
     try:
         fn()
@@ -246,6 +287,7 @@ def run(rank, world, init_file, out, resume_from=None):
         if resume_from is not None:
             phase_resume(rank, world, result, resume_from)
         if world == 2:
+            phase_from_empty(rank, world, result)
             phase_api(rank, world, result)
             phase_collectives(rank, world, result)
             phase_ddp(rank, world, result)

@@ -86,10 +86,12 @@ def test_the_rule_is_not_applied_to_the_kept_statistics_path(monkeypatch):
     """The rule compares full passes; with a statistics queue (O(N·q·d)) "auto" is not ruled by
     it (the problem is not passed), while js over the same queue (a full pass) is."""
     from d2sm_ext import FeatureQueue, functional
+    from d2sm_ext.queue import step
 
     seen = []
     real = functional.resolve_backend
-    monkeypatch.setattr(functional, "resolve_backend", lambda *a, **k: (seen.append(a[4]), real(*a, **k))[1])
+    for module in (functional, step):  # the full pass, the step over the queue
+        monkeypatch.setattr(module, "resolve_backend", lambda *a, **k: (seen.append(a[4]), real(*a, **k))[1])
     q = FeatureQueue(16, 4, statistics=True)
     q.enqueue(torch.randn(16, 4), torch.randn(16, 4))
     x, y = torch.randn(5, 4), torch.randn(5, 4)

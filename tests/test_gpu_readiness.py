@@ -11,7 +11,8 @@ import d2sm_ext
 from backend_cases import (LOW_PRECISION_FACTOR, assert_f32_close, check_half_gradients, low_precision_bound, make_inputs,
                            max_err, reference64, run_backend)
 from benchmarks.common import peak_memory_bytes
-from d2sm_ext import FeatureQueue, fused_op, queue_stats
+from d2sm_ext import FeatureQueue, fused_op
+from d2sm_ext.queue import statistics as queue_statistics
 from d2sm_ext.backends import cpp_backend
 from d2sm_ext.reference import dense_divergence
 
@@ -323,9 +324,9 @@ def test_cross_sums_on_half_operands(dtype, keep_gram, cpu_half_path):
     g = torch.Generator().manual_seed(3)
     xr, yr, xc, yc = (torch.randn(n, 33, generator=g).to(dtype) for n in (70, 70, 300, 300))
     wr, wc = torch.rand(70, generator=g) - 0.3, torch.rand(300, generator=g)
-    norms = [queue_stats.inverse_norms(t.float()) for t in (xr, yr, xc, yc)]
+    norms = [queue_statistics.inverse_norms(t.float()) for t in (xr, yr, xc, yc)]
     d = [t.double() for t in (xr, yr, norms[0], norms[1], xc, yc, norms[2], norms[3])]
-    terms = queue_stats.pair_terms(d[0] @ d[4].T, d[1] @ d[5].T, d[2], d[3], d[6], d[7], 1e-8)
+    terms = queue_statistics.pair_terms(d[0] @ d[4].T, d[1] @ d[5].T, d[2], d[3], d[6], d[7], 1e-8)
     rows, cols, gram_x, gram_y = torch.ops.d2sm_ext.cross_sums(xr, yr, *norms[:2], xc, yc, *norms[2:], 1e-8, wr, wc,
                                                                25, keep_gram)
     rel = lambda a, b: ((a.double() - b).abs().max() / b.abs().max()).item()  # noqa: E731

@@ -10,7 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import d2sm_ext
 from backend_cases import assert_f32_close
 from backend_matrix import rows_params
-from d2sm_ext import FeatureQueue, queue_stats
+from d2sm_ext import FeatureQueue
+from d2sm_ext.queue import statistics as queue_statistics
+from d2sm_ext.queue import step as queue_step
 from d2sm_ext.reference import DIVERGENCES, REDUCTIONS
 
 FUSED = [pytest.param(p.values[0], id=p.id) for p in rows_params(fused=True, variants=False)]
@@ -75,10 +77,9 @@ def test_equals_the_full_pass_float32(row, div, red):
 
 
 def test_the_statistics_path_is_taken_and_js_takes_the_full_pass(monkeypatch):
-    calls = []
-    real = queue_stats.queue_divergence
-    monkeypatch.setattr(queue_stats, "queue_divergence",
-                        lambda x, y, view, div, *a: (calls.append((div, a[-2])), real(x, y, view, div, *a))[1])
+    calls = []  # the kernels of every step over the queue's kept statistics
+    real = queue_step._totals
+    monkeypatch.setattr(queue_step, "_totals", lambda *a: (calls.append(a[-2]), real(*a))[1])
     q = filled_queue(10, 4, 10)
     x, y = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
     for div in DIVERGENCES:
@@ -87,8 +88,7 @@ def test_the_statistics_path_is_taken_and_js_takes_the_full_pass(monkeypatch):
     registry = d2sm_ext.registry
     kernels = [registry.resolve_backend(name, "cpu", torch.float64, need_queue=True).queue
                for name in ("auto", "reference")]
-    assert calls == [("kl", kernels[0]), ("reverse_kl", kernels[0]), ("symmetric_kl", kernels[0]),
-                     ("kl", kernels[1])]
+    assert calls == [kernels[0]] * 3 + [kernels[1]]  # kl, reverse_kl, symmetric_kl; not js
     # D2SMLoss with a queue takes it by default
     crit = d2sm_ext.D2SMLoss(extractor=torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1)),
                              sampling="batch", queue_size=8)
@@ -96,7 +96,7 @@ def test_the_statistics_path_is_taken_and_js_takes_the_full_pass(monkeypatch):
     imgs = torch.rand(3, 3, 12, 12)
     crit(imgs, imgs.flip(0))
     crit(imgs, imgs.flip(0))
-    assert calls[-1][0] == "kl"
+    assert calls[4:] == [kernels[0]] * 2
 
 
 def test_a_backend_without_queue_kernels(monkeypatch):
@@ -270,9 +270,9 @@ def test_cross_sums_match_float64(backend, panel_mb, split, monkeypatch):
     xr[3] = 0
     xc[5] = 0
     wr, wc = torch.rand(70, generator=g) - 0.3, torch.rand(300, generator=g)
-    norms = [queue_stats.inverse_norms(t) for t in (xr, yr, xc, yc)]
+    norms = [queue_statistics.inverse_norms(t) for t in (xr, yr, xc, yc)]
     d = [t.double() for t in (xr, yr, norms[0], norms[1], xc, yc, norms[2], norms[3])]
-    terms = queue_stats.pair_terms(d[0] @ d[4].T, d[1] @ d[5].T, d[2], d[3], d[6], d[7], 1e-8)
+    terms = queue_statistics.pair_terms(d[0] @ d[4].T, d[1] @ d[5].T, d[2], d[3], d[6], d[7], 1e-8)
     by_row = terms * wr.double()[:, None]
     want_rows = (terms * wc.double()).sum(2)
     want_cols = torch.stack([by_row[:, :split].sum(1), by_row[:, split:].sum(1)])
@@ -350,6 +350,78 @@ def test_enqueue_last_batch_reuses_the_losss_sums_and_stays_exact(row, dtype):
     kept = q.stats.row_sums.clone()
     q.refresh_statistics()
     assert rel_err(kept, q.stats.row_sums) < tol
+
+
+CPU_ROW_DTYPES = [pytest.param(p.values[0], dtype, id=f"{p.id}-{str(dtype).split('.')[-1]}")
+                  for p in rows_params(device="cpu", variants=False) for dtype in p.values[0].dtypes]
+
+
+@pytest.mark.parametrize("row, dtype", CPU_ROW_DTYPES)
+def test_the_training_loop_runs_from_an_empty_queue(row, dtype):
+    """README's loop (loss over the batch and the queue, backward, enqueue_last_batch) from its
+    first step, on a new queue and after reset(), with a first batch that fits and one larger than
+    the queue (with a non-finite row): the loss over the empty queue equals the full pass over
+    the batch alone and leaves the batch pending; enqueue_last_batch gives the rows and kept sums
+    a twin queue gets from enqueue(x, y), and an exact recomputation; the next step continues."""
+    size, dim = 7, 5
+    rtol = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    sums_tol = 1e-12 if dtype == torch.float64 else 1e-6
+    g = torch.Generator().manual_seed(3)
+    q = FeatureQueue(size, dim, dtype=dtype, statistics=True, backend=row.backend)
+    twin = FeatureQueue(size, dim, dtype=dtype, statistics=True, backend=row.backend)
+    for first in (4, size + 3):
+        if first > size:
+            q.reset()
+            twin.reset()
+        for step, n in enumerate((first, 3)):
+            x, y = _random_batch(g, n, dim, dtype, nonfinite=first > size and step == 0)
+            xm, ym = q.memory()
+            assert (xm.shape[0] == 0) == (step == 0)
+            values, grads = [], []
+            for memory in ({"queue": q}, {"x_memory": xm, "y_memory": ym}):
+                xg = x.clone().requires_grad_(True)
+                v = d2sm_ext.d2sm_divergence(xg, y, backend=row.backend, **memory)
+                v.backward()
+                values.append(v.detach())
+                grads.append(xg.grad)
+            if torch.isfinite(values[1]):
+                assert rel_err(values[0], values[1]) <= rtol and rel_err(grads[0], grads[1]) <= rtol, (first, step)
+            else:  # a non-finite row: NaN value and gradients, as the full pass
+                assert torch.isnan(values[0]) and torch.isnan(grads[0]).all()
+            assert q.stats.has_pending(), (first, step)
+            q.enqueue_last_batch()
+            twin.enqueue(x, y)
+            assert len(q) == len(twin) and torch.equal(q.x_buffer, twin.x_buffer)
+            assert rel_err(q.stats.row_sums, twin.stats.row_sums) <= sums_tol, (first, step)
+            kept = q.stats.row_sums.clone()
+            q.refresh_statistics()
+            assert rel_err(kept, q.stats.row_sums) <= sums_tol, (first, step)
+
+
+def test_d2smloss_enqueues_its_first_batch_from_the_losss_sums(monkeypatch):
+    """D2SMLoss with a queue, from its first training step: every step's batch enters through
+    enqueue_last_batch (the loss's own rows and sums), the first loss is the loss over the batch
+    alone, and the kept sums stay exact."""
+    from loss_cases import tiny_extractor
+
+    crit = d2sm_ext.D2SMLoss(extractor=tiny_extractor(), sampling="batch", queue_size=8)
+    alone = d2sm_ext.D2SMLoss(extractor=tiny_extractor(), sampling="batch")
+    calls = []
+    for name in ("enqueue", "enqueue_last_batch"):
+        real = getattr(crit.queue, name)
+        monkeypatch.setattr(crit.queue, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name),
+                                                                                       _real(*a, **k))[1])
+    g = torch.Generator().manual_seed(4)
+    for step in range(3):
+        imgs = torch.rand(3, 3, 12, 12, generator=g)
+        loss = crit(imgs.clone().requires_grad_(True), imgs.flip(0))
+        loss.backward()
+        if step == 0:
+            torch.testing.assert_close(loss.detach(), alone(imgs, imgs.flip(0)), rtol=1e-6, atol=0)
+    assert calls == ["enqueue_last_batch"] * 3 and len(crit.queue) == 8
+    kept = crit.queue.stats.row_sums.clone()
+    crit.queue.refresh_statistics()
+    assert rel_err(kept, crit.queue.stats.row_sums) < 1e-6
 
 
 def test_enqueue_last_batch_cannot_be_fooled():
@@ -460,7 +532,7 @@ def test_opcheck_of_the_cpp_queue_ops():
     break) and dispatch registrations, by torch.library.opcheck."""
     g = torch.Generator().manual_seed(4)
     xr, yr, xc, yc = (torch.randn(n, 6, generator=g) for n in (5, 5, 9, 9))
-    norms = [queue_stats.inverse_norms(t) for t in (xr, yr, xc, yc)]
+    norms = [queue_statistics.inverse_norms(t) for t in (xr, yr, xc, yc)]
     for keep in (False, True):
         torch.library.opcheck(torch.ops.d2sm_ext.cross_sums.default,
                               (xr, yr, *norms[:2], xc, yc, *norms[2:], 1e-8, torch.rand(5, generator=g), None, 3, keep))

@@ -156,6 +156,19 @@ def test_a_rank_shard_does_not_load_elsewhere(two):
         FeatureQueue(worker.SIZE, worker.DIM, dtype=torch.float64, statistics=True).load_state_dict(shard)
 
 
+def test_the_training_loop_runs_from_an_empty_queue(two):
+    """loss, backward, enqueue_last_batch from the first step (a new queue, and after reset() with a
+    first batch larger than the queue): the loss leaves its batch pending on every rank, and the
+    enqueue gives the rows and sums one process's whole queue gets from enqueue()."""
+    for r in two:
+        assert set(r["from_empty"]) == {f"{b}-{d}" for b in BACKENDS for d in ("float32", "float64")}
+        for case, got in r["from_empty"].items():
+            tol = RTOL if case.endswith("float64") else 1e-5
+            assert got["raised"] == [""] * 4 and all(got["pending"]) and all(got["rows_equal"]), (case, got)
+            assert got["value"] <= tol and got["grad_x"] <= tol, (case, got)
+            assert got["sums_error"] <= (1e-12 if case.endswith("float64") else 1e-6), (case, got)
+
+
 def test_public_methods_and_misuse_on_every_rank(two):
     for rank, r in enumerate(two):
         api = r["api"]

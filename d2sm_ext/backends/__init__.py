@@ -22,7 +22,7 @@ import warnings
 
 from .. import auto_rules
 from . import cpp_backend, dense_backend
-from ..queue_stats import cross_sums_torch
+from ..queue.statistics import cross_sums_torch
 from ..reference import d2sm_reference
 from ..registry import QueueKernels, mark_unavailable, register_backend
 

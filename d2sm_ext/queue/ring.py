@@ -21,7 +21,7 @@ sums A, B, C, D of its pair terms over the other queue rows, for one kernel floo
 updates them on enqueue (the entering rows' terms added, the evicted rows' terms subtracted:
 O(N·q·d)). ``d2sm_divergence(x, y, queue=queue)`` then costs O(N·q·d) per step instead of
 O((N+q)²·d). ``refresh_statistics()`` recomputes them exactly (O(q²·d)). The sums live in
-``queue.stats`` (``queue_stats.QueueStatistics``), next to their math; this module is the ring.
+``queue.stats`` (``statistics.QueueStatistics``), next to their math; this module is the ring.
 
 The fast step: ``queue.enqueue_last_batch()`` instead of ``enqueue(fx, fy)`` enqueues the rows of
 the last loss computed against the queue (the loss's own copy, taken then) from the sums that loss
@@ -37,11 +37,12 @@ from typing import Optional
 
 import torch
 
-from . import distributed as dist_helpers
-from . import queue_shard
-from .queue_stats import EnqueuePlan, QueueStatistics, QueueView, SlotLayout, finite_rows
-from .reference import compute_dtype, safe_rows
-from .registry import resolve_backend
+from .. import distributed as dist_helpers
+from ..reference import compute_dtype, safe_rows
+from ..registry import resolve_backend
+from .layout import SlotLayout
+from .shard import ShardLayout
+from .statistics import EnqueuePlan, QueueStatistics, QueueView, finite_rows
 
 # The state entries with one entry per slot, and the dimension that runs over the slots (what a
 # sharded queue re-splits when it loads a whole queue's state).
@@ -97,15 +98,16 @@ class FeatureQueue(dist_helpers.RankLocalState):
         self.size = size
         self.dim = dim
         self.backend = backend
+        # The one place that decides whether the queue is sharded: every later question about
+        # where a slot lives, and what joins the processes' parts, goes to its layout.
         self.layout: SlotLayout = SlotLayout()
         self._shard_requested, self._group = shard, group
-        stored = size
         if shard and dist_helpers.active(group):
             world, rank = dist_helpers.world_and_rank(group)
             if size < world:
                 raise ValueError(f"a sharded queue stores at least one slot per rank: size {size} < {world} ranks")
-            self.layout = queue_shard.ShardLayout(world, rank, group)
-            stored = queue_shard.capacity(size, world, rank)
+            self.layout = ShardLayout(world, rank, group)
+        stored = self.layout.stored(size)
         self.register_buffer("x_buffer", torch.zeros(stored, dim, dtype=dtype, device=device))
         self.register_buffer("y_buffer", torch.zeros(stored, dim, dtype=dtype, device=device))
         # Next slot to write and number of filled slots; int64 scalars on the buffers' device.
@@ -129,7 +131,7 @@ class FeatureQueue(dist_helpers.RankLocalState):
     @property
     def sharded(self) -> bool:
         """The rows are stored across the ranks of a process group (``shard=True`` under W > 1 ranks)."""
-        return isinstance(self.layout, queue_shard.ShardLayout)
+        return isinstance(self.layout, ShardLayout)
 
     def _shard_info(self) -> Optional[dict]:
         if not self.sharded:
@@ -254,10 +256,7 @@ class FeatureQueue(dist_helpers.RankLocalState):
 
     def _stored_count(self) -> int:
         """Filled rows this process stores (all of them unless sharded)."""
-        n = self._filled_count()
-        if self.sharded:
-            return queue_shard.capacity(n, self.layout.world, self.layout.rank)
-        return n
+        return self.layout.stored(self._filled_count())
 
     def memory(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Filled rows in storage order, as detached views of the buffers (no copy); for a sharded
@@ -282,8 +281,8 @@ class FeatureQueue(dist_helpers.RankLocalState):
                 torch.roll(self.y_buffer, shift, dims=0).detach())
 
     def statistics_view(self) -> QueueView:
-        """The filled rows, their statistics and the enqueue planner, for the kept-statistics
-        loss (``queue_stats.queue_divergence``)."""
+        """The filled rows, their statistics and the enqueue planner, for the step over the queue
+        (step.py)."""
         self._require_statistics()
         self._check_shard()
         xm, ym = self.memory()
@@ -293,7 +292,7 @@ class FeatureQueue(dist_helpers.RankLocalState):
             if filled + x.shape[0] <= self.size:  # no row of the queue can leave: nothing to plan
                 return None
             return self._plan(finite)
-        return QueueView(xm, ym, self.stats, plan, self.x_buffer.dtype)
+        return QueueView(xm, ym, self.stats, plan, self.x_buffer.dtype, filled)
 
     def _plan(self, finite: torch.Tensor, evicts: bool = True) -> EnqueuePlan:
         """Where an enqueue of N rows with these (N,) finite flags writes; on the device, no sync.
@@ -373,7 +372,7 @@ class FeatureQueue(dist_helpers.RankLocalState):
             y = y.detach().reshape(-1, self.dim).to(self.y_buffer.dtype)
         except (TypeError, ValueError) as e:
             error = e  # raised after the first gather, on every rank
-        x, y, _, _ = queue_shard.gather_batch(x, y, (False, False), error, self.x_buffer.device, self.layout.group)
+        x, y, _, _ = self.layout.gather(x, y, (False, False), error, self.x_buffer.device)
         # the fill count is known on the host (the gather synchronised): no collective for the
         # rows the slots hold when none can leave
         self._write(safe_rows(x), safe_rows(y), None, evicts=self._filled_count() + x.shape[0] > self.size)
@@ -443,10 +442,10 @@ class FeatureQueue(dist_helpers.RankLocalState):
         """Recompute the kept sums exactly from the stored rows (O(q²·d); one host sync). For a
         sharded queue a collective: each rank's rows are broadcast in turn (O(q·d) traffic)."""
         self._require_statistics()
-        n = self._stored_count()
+        filled = self._filled_count()
+        n = self.layout.stored(filled)
         xm, ym = self.x_buffer[:n], self.y_buffer[:n]
-        others = queue_shard.other_shards(self.layout, xm, ym, len(self)) if self.sharded else ()
-        self.stats.refresh(xm, ym, others)
+        self.stats.refresh(xm, ym, self.layout.other_rows(xm, ym, filled))
 
     @torch.no_grad()
     def full_state_dict(self) -> dict:
@@ -456,4 +455,12 @@ class FeatureQueue(dist_helpers.RankLocalState):
         unsharded queue, its ``state_dict()``."""
         if not self.sharded:
             return self.state_dict()
-        return queue_shard.full_state(self)
+        layout, size = self.layout, self.size
+        rows = layout.interleave(torch.cat([self.x_buffer, self.y_buffer], dim=1), size)
+        return {
+            "x_buffer": rows[:, :self.dim].contiguous(), "y_buffer": rows[:, self.dim:].contiguous(),
+            "write_pointer": self.write_pointer.clone(), "filled": self.filled.clone(),
+            "_extra_state": {k: v for k, v in self.get_extra_state().items() if k != "shard"},
+            "stats.row_sums": layout.interleave(self.stats.row_sums.T, size).T.contiguous(),
+            "stats.row_inv_norms": layout.interleave(self.stats.row_inv_norms.T, size).T.contiguous(),
+        }

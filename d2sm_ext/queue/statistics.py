@@ -1,6 +1,7 @@
 """Queue statistics kept across steps (docs/DESIGN.md §3.6): a training step with a queue of q rows
 costs O(N·q·d), not O((N+q)²·d). This module is the math and the kept state; the kernels come
-from the backend (``registry.QueueKernels``), the rows from the ring buffer (``queue.FeatureQueue``).
+from the backend (``registry.QueueKernels``), the rows from the ring buffer (``ring.FeatureQueue``),
+and the step that uses them is step.py.
 
 For kl, reverse_kl and symmetric_kl every per-row quantity is a sum over the row's neighbours of
 four pair terms (§3.6):
@@ -16,25 +17,19 @@ block and the N×N live block. The gradient into the live rows needs, besides th
 the per-row totals: it is the backend's queue backward with the totals as saved statistics. js
 does not split this way (A and B sit inside the log of the mixture): with a queue it takes the
 full pass over the queue's rows, exactly.
-
-A step reads the queue three times (the floor, §3.6): the loss takes the live rows AND the rows
-the next enqueue of this batch would evict against the queue in one product per side (one
-``cross_sums`` call), hands the live rows' Gram blocks to the gradient (one product), and leaves
-its sums with the statistics as the pending batch; ``FeatureQueue.enqueue_last_batch()`` then
-enqueues that batch (its own copy, taken at the loss) from those sums, without reading the queue.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Optional
 
 import torch
 
-from . import fused_op, sizing
-from .distributed import RankLocalState
-from .reference import compute_dtype, output_dtype
-from .reference import inverse_norms as reference_inverse_norms
+from .. import sizing
+from ..distributed import RankLocalState
+from ..reference import compute_dtype
+from ..reference import inverse_norms as reference_inverse_norms
+from .layout import SlotLayout
 
 # Divergences whose per-row values decompose into the sums A, B, C, D.
 DECOMPOSABLE = ("kl", "reverse_kl", "symmetric_kl")
@@ -183,35 +178,6 @@ class EnqueuePlan:
     n_valid: torch.Tensor  # finite rows of the batch (0-d, on the device)
 
 
-class SlotLayout:
-    """Which slots of the queue this process stores, and where: the whole ring, slot s at s.
-    ``queue_shard.ShardLayout`` is the sharded queue's (docs/DESIGN.md §3.7): slot s on rank s mod W.
-    The statistics' update is written once against this interface."""
-
-    def positions(self, n: int, device) -> torch.Tensor:
-        """(n,) the queue slot each of the n stored slots holds."""
-        return torch.arange(n, device=device)
-
-    def held(self, slots, x_buffer, y_buffer, inv_norms, evicts: bool = True):
-        """The rows (and kept inverse norms, None without statistics) the candidate ``slots`` hold
-        now, whichever process stores them. ``evicts=False``: the caller knows no row can leave,
-        so only the slots stored here are needed (here: all of them)."""
-        if inv_norms is None:
-            return x_buffer[slots], y_buffer[slots], None, None
-        return x_buffer[slots], y_buffer[slots], inv_norms[0, slots], inv_norms[1, slots]
-
-    def targets(self, plan: "EnqueuePlan"):
-        """(t, s, write): candidate k is written to stored slot t_k with candidate s_k's values, where
-        ``write`` (0-d); candidates stored elsewhere repeat one of this process's (same slot, same
-        values) or, with none here, rewrite stored slot 0 with itself: no host sync."""
-        return plan.slots, torch.arange(plan.slots.shape[0], device=plan.slots.device), \
-            torch.ones((), dtype=torch.bool, device=plan.slots.device)
-
-    def reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sums formed over this process's slots → sums over the whole queue."""
-        return t
-
-
 @dataclasses.dataclass
 class PendingBatch:
     """What a loss over (batch, queue) leaves for ``FeatureQueue.enqueue_last_batch``: its own
@@ -340,152 +306,14 @@ class QueueStatistics(RankLocalState):
         self.discard_pending()
 
 
-# ---------------------------------------------------------------------------------------------
-# The loss over (live rows, queue rows)
-# ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class QueueView:
-    """What the loss needs of a queue: its filled rows (views), their kept statistics, and the
-    plan an enqueue of the batch would follow (None when no row can be evicted by it)."""
+    """What the step over a queue (step.py) needs of it: the filled rows this process stores
+    (views), their kept statistics, the plan an enqueue of the batch would follow (None when no
+    row can be evicted by it), the queue's storage dtype and its fill (every rank's rows)."""
     x: torch.Tensor
     y: torch.Tensor
     stats: QueueStatistics
     plan: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Optional[EnqueuePlan]]
-    dtype: torch.dtype  # the queue's storage dtype
-
-
-def _cross_block(x, y, rx, ry, view: QueueView, rxm, rym, finite, eps, kernels, keep_gram: bool, pending: bool):
-    """One ``cross_sums`` call: the live rows (and, for a pending batch, the rows its enqueue would
-    evict) against the filled rows. Returns (live rows' sums (4, N), filled rows' sums over the
-    finite live rows (4, q), the enqueue's change of the filled rows' sums or None, the plan, the
-    live rows' Gram blocks or None)."""
-    n = x.shape[0]
-    cdt = rx.dtype
-    rows_x, rows_y, r_x, r_y, weight = x, y, rx, ry, finite.to(cdt)
-    plan = view.plan(x, y, finite) if pending else None
-    if plan is not None:
-        rows_x, rows_y = torch.cat([x, plan.old_x.to(x.dtype)]), torch.cat([y, plan.old_y.to(y.dtype)])
-        r_x = torch.cat([rx, plan.old_rx.to(cdt)])
-        r_y = torch.cat([ry, plan.old_ry.to(cdt)])
-        weight = torch.cat([weight, -plan.evicted.to(cdt)])
-    keep = keep_gram and sizing.keep_gram(rows_x.shape[0], view.x.shape[0], cdt)
-    row_sums, col_sums, gram_x, gram_y = kernels.cross_sums(rows_x, rows_y, r_x, r_y, view.x, view.y, rxm, rym,
-                                                            eps, weight, None, n, keep)
-    delta = None
-    if pending:
-        delta = (col_sums[0] + col_sums[1]).detach() if plan is not None else col_sums[0].detach()
-    grams = (gram_x[:n], gram_y[:n]) if keep else None
-    return row_sums[:, :n], col_sums[0], delta, plan, grams
-
-
-def _totals(x, y, view: QueueView, divergence, exclude_self, eps, kernels, keep_gram, reduce=None):
-    """Every row's sums (4, N + q) and what the gradient and the pending batch need. ``reduce``
-    turns the live rows' sums over the stored rows into sums over the whole queue (a sharded
-    queue's ``ShardLayout.reduce``; default: this process stores the whole queue)."""
-    filled = view.x.shape[0]
-    cdt = compute_dtype(x.dtype)
-    rx, ry = inverse_norms(x), inverse_norms(y)
-    rxm, rym = (t.clone() for t in view.stats.inverse_norms(filled))  # O(q); the next enqueue rewrites them
-    pending = x.dtype == view.dtype  # the enqueue stores the rows exactly as the loss saw them
-    if rxm.dtype != cdt:  # x promoted past the queue's dtype: norms in the wider dtype, as the full pass
-        rxm, rym = inverse_norms(view.x.to(cdt)), inverse_norms(view.y.to(cdt))
-    # Column sums over the finite live rows only: exactly what an enqueue of these rows adds to the
-    # queue rows (a row with a NaN makes the loss NaN anyway).
-    finite = finite_rows(x, y)
-    live_q, queue_l, delta, plan, grams = _cross_block(x, y, rx, ry, view, rxm, rym, finite, eps, kernels,
-                                                       keep_gram, pending)
-    if reduce is not None:
-        live_q = reduce(live_q)
-    live_totals = live_q + block_sums(x, y, rx, ry, eps, exclude_self)
-    queue_totals = view.stats.sums(filled) + queue_l
-    if not exclude_self:
-        queue_totals = queue_totals + self_terms(rxm, rym, eps)
-    if pending:
-        view.stats.record_pending(PendingBatch(x.detach().clone(), y.detach().clone(), plan, live_q.detach(),
-                                               delta))
-    totals = torch.cat([live_totals, queue_totals], dim=1)
-    return totals, finite, (rx, ry, rxm, rym), grams
-
-
-def _backward(kernels, inputs, grad_rows, options, need_x, need_y, grams):
-    """The backend's queue backward; NaN gradients for a non-finite input (docs/DESIGN.md §2.6;
-    inputs[-1] is 0, or NaN when a live row is not finite)."""
-    x, y, xm, ym, saved, nan = inputs
-    gx, gy = kernels.backward(x, y, xm, ym, saved, grad_rows.to(saved.dtype), *options, need_x, need_y,
-                              *(grams or (None, None)))
-    return (gx + nan if need_x else gx), (gy + nan if need_y else gy)
-
-
-def _reduce(rows, finite, reduction):
-    rows = torch.where(finite.all(), rows.clamp_min(0.0), math.nan)  # docs/DESIGN.md §2.5, §2.6
-    if reduction == "mean":
-        return rows.mean()
-    if reduction == "sum":
-        return rows.sum()
-    return rows
-
-
-def _row_weights(reduction, m, cdt, device):
-    if reduction == "mean":
-        return torch.full((1, m), 1.0 / m, dtype=cdt, device=device)
-    return torch.ones(1, m, dtype=cdt, device=device)
-
-
-class QueueDivergence(torch.autograd.Function):
-    """The loss from the totals of every row on a fused backend. Forward: values (and, for
-    "mean"/"sum", the gradient through the backend's queue backward, as the fused ops do);
-    backward: ``fused_op.backward_from_saved``, the fused ops' own autograd formula. The sums are
-    formed before (``_totals``, with the side effect of leaving the pending batch), so that the
-    Function itself is pure (torch.compile traces it)."""
-
-    @staticmethod
-    def forward(ctx, x, y, xm, ym, totals, finite, norms, gram_x, gram_y, options, kernels):
-        divergence, exclude_self, reduction, eps, tf32 = options
-        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        rows, ubar, vbar = divergence_rows(totals, divergence)
-        value = _reduce(rows, finite, reduction)
-        cdt = compute_dtype(x.dtype)
-        saved = torch.stack([norms[0], norms[1], totals[0].to(cdt), totals[1].to(cdt), ubar.to(cdt),
-                             vbar.to(cdt)])[:, None, :]
-        backward_options = (divergence, exclude_self, eps, tf32)
-        inputs = (x.detach(), y.detach(), xm, ym, saved, torch.where(finite.all(), 0.0, math.nan))
-        if reduction != "none" and (need_x or need_y):
-            grams = (gram_x, gram_y) if gram_x is not None else None
-            grads = _backward(kernels, inputs, _row_weights(reduction, saved.shape[2], cdt, x.device),
-                              backward_options, need_x, need_y, grams)
-        else:
-            grads = (x.new_empty(0, dtype=cdt), y.new_empty(0, dtype=cdt))
-        fused_op.save_for_backward(
-            ctx, reduction, (x.dtype, y.dtype), (need_x, need_y), grads,
-            lambda saved_inputs, grad_rows, nx, ny: _backward(kernels, saved_inputs, grad_rows.reshape(1, -1),
-                                                              backward_options, nx, ny, None),
-            inputs)
-        return value.to(cdt)
-
-    @staticmethod
-    def backward(ctx, grad):
-        gx, gy = fused_op.backward_from_saved(ctx, grad)
-        return gx, gy, None, None, None, None, None, None, None, None, None
-
-
-def queue_divergence(x, y, view: QueueView, divergence, exclude_self, reduction, eps, kernels, tf32) -> torch.Tensor:
-    """The D2SM divergence over (x, y) followed by the queue's filled rows, from its statistics,
-    with the backend's ``QueueKernels``; leaves the pending batch for ``enqueue_last_batch``."""
-    cdt = compute_dtype(x.dtype)
-    if kernels.backward is None:  # differentiable sums: autograd forms the gradient (the reference)
-        # autograd keeps the rows it multiplied by: a copy, so that an enqueue before the backward
-        # (D2SMLoss enqueues in its forward) does not change what the gradient reads
-        rows = dataclasses.replace(view, x=view.x.clone(), y=view.y.clone())
-        totals, finite, _, _ = _totals(x, y, rows, divergence, exclude_self, eps, kernels, keep_gram=False)
-        value = _reduce(divergence_rows(totals, divergence)[0], finite, reduction).to(cdt)
-    else:
-        grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
-        with torch.no_grad():
-            totals, finite, (rx, ry, rxm, rym), grams = _totals(
-                x.detach(), y.detach(), view, divergence, exclude_self, eps, kernels,
-                keep_gram=grad and reduction != "none" and kernels.keeps_gram)
-        norms = (torch.cat([rx, rxm]), torch.cat([ry, rym]))
-        gram_x, gram_y = grams if grams is not None else (None, None)
-        value = QueueDivergence.apply(x, y, view.x, view.y, totals, finite, norms, gram_x, gram_y,
-                                      (divergence, exclude_self, reduction, float(eps), tf32), kernels)
-    return value.to(output_dtype(x))
+    dtype: torch.dtype
+    filled: int
