@@ -50,17 +50,26 @@ def promote(*tensors: Optional[torch.Tensor]) -> tuple:
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
+def _peak_exponent(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the largest |entry| (one reduction, no |v| temporary: the inf-norm, NaN-propagating
+    like abs().amax) and its binary exponent (peak = m·2^e, m in [0.5, 1))."""
+    peak = torch.linalg.vector_norm(v.detach(), ord=float("inf"), dim=-1)
+    return peak, torch.frexp(peak)[1]
+
+
+def _scale_from_peak(peak: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    scale = torch.ldexp(torch.ones_like(peak), exponent)
+    finite_nonzero = torch.isfinite(peak) & (peak > 0)
+    return torch.where(finite_nonzero, scale, torch.where(peak == 0, torch.ones_like(peak), peak))
+
+
 def row_scales(v: torch.Tensor) -> torch.Tensor:
     """A power of two per row (last dimension reduced): 2^e with max|v| = m·2^e, m in [0.5, 1);
     1 for a zero row; the peak itself (inf or NaN) for a non-finite row. Dividing a row by it is
     exact and brings its entries into [-1, 1], so squares and dot products of the scaled rows
     neither overflow nor underflow (docs/DESIGN.md §2.1). Not differentiated: what it scales is
     homogeneous in the row."""
-    peak = v.detach().abs().amax(dim=-1)
-    _, exponent = torch.frexp(peak)
-    scale = torch.ldexp(torch.ones_like(peak), exponent)
-    finite_nonzero = torch.isfinite(peak) & (peak > 0)
-    return torch.where(finite_nonzero, scale, torch.where(peak == 0, torch.ones_like(peak), peak))
+    return _scale_from_peak(*_peak_exponent(v))
 
 
 def inverse_norms(v: torch.Tensor) -> torch.Tensor:
@@ -98,10 +107,9 @@ def safe_rows(v: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     done whether or not a row needs it). None stays None."""
     if v is None or v.numel() == 0:
         return v
-    peak = v.detach().abs().amax(dim=-1)
-    _, exponent = torch.frexp(peak)
+    peak, exponent = _peak_exponent(v)  # one O(M·d) reduction, shared with the scale
     outside = (exponent.abs() > _SAFE_PEAK_EXP) & (peak > 0) | ~torch.isfinite(peak)
-    scale = torch.where(outside, row_scales(v), torch.ones_like(peak))
+    scale = torch.where(outside, _scale_from_peak(peak, exponent), torch.ones_like(peak))
     return v / scale[..., None].to(v.dtype)
 
 
