@@ -16,11 +16,14 @@ slower at every measured shape. Queue step (q = 2^20, d = 1280, N = 256, bf16, H
 triton 44.7 ms — "auto" takes cuda there by priority (the rule is not applied to the
 kept-statistics queue path, which does O(N·q·d) work instead of O((N+q)²·d)).
 
-So: cuda from M = 4096 in every precision (measured faster than the reference in all three, and
-O(M) memory where the dense paths hold M×M matrices; in TF32 it is level with the plain formula,
-4.23 against 4.12 ms); triton where cuda cannot run, from its own measured thresholds; below the
-measured shapes, the dense PyTorch path ("dense", backends/dense_backend.py: the fallback, written
-to be no slower than the plain formula). Beyond the device's free memory for the dense path's M×M
+So: cuda from M = 4096 in fp32, TF32 and half precision — the fastest of what "auto" could take
+in all three (the reference then; Triton was slower, or did not compile in IEEE fp32), with O(M)
+memory where the dense paths hold M×M matrices. In TF32 the plain formula was level (4.12 against
+4.23 ms eager) and its torch.compile 1.9× faster; the new dense path was not on that card, so the
+TF32 threshold is the measured choice until a card run measures dense (issue 27). triton where
+cuda cannot run, from its own measured thresholds; float64 was not measured for a fused backend;
+below the measured shapes, the dense PyTorch path ("dense", backends/dense_backend.py: the
+fallback, written to be no slower than the plain formula). Beyond the device's free memory for the dense path's M×M
 matrices only a fused backend runs (M = 65536: the reference cannot allocate, Triton runs in
 1.3 GiB). A new GPU run (benchmarks/gpu_check.sh) that moves a threshold updates the constants here
 and BENCHMARKS.md together.
@@ -36,10 +39,10 @@ import torch
 # Smallest sample-set size M from which a fused backend was measured faster than the dense paths,
 # per backend and GPU precision (None: slower wherever measured).
 FUSED_MIN_ROWS = {
-    "cuda": {"half": 4096, "tf32": 4096, "ieee": 4096},     # H200, 2026-12-04
-    "triton": {"half": 4096, "tf32": 16384, "ieee": None},  # H100 run 2 (and H200: slower than cuda)
+    "cuda": {"half": 4096, "tf32": 4096, "ieee": 4096, "fp64": None},     # H200, 2026-12-04
+    "triton": {"half": 4096, "tf32": 16384, "ieee": None, "fp64": None},  # H100 run 2 (H200: slower than cuda)
 }
-# The dense fallback's fwd+bwd peak, in float32 M×M matrices per problem (measured on CPU with
+# The dense fallback's fwd+bwd peak, in M×M matrices of the compute dtype per problem (measured on CPU with
 # benchmarks.common.peak_memory_bytes: 7.1 at M = 1024, d = 64; 9.0 at M = d = 2048, where the
 # O(M·d) rows weigh as much; the reference's 10.9 and 12.8).
 DENSE_MATRICES = 9
@@ -62,11 +65,14 @@ class Problem:
 def precision_of(p: Problem) -> str:
     if p.dtype in (torch.float16, torch.bfloat16):
         return "half"
-    return "tf32" if p.dtype == torch.float32 and p.tf32 else "ieee"
+    if p.dtype == torch.float64:
+        return "fp64"
+    return "tf32" if p.tf32 else "ieee"
 
 
 def dense_peak_bytes(p: Problem) -> int:
-    return DENSE_MATRICES * p.batch * p.rows * p.rows * 4
+    element = 8 if p.dtype == torch.float64 else 4  # half inputs are computed in float32
+    return DENSE_MATRICES * p.batch * p.rows * p.rows * element
 
 
 @torch.compiler.assume_constant_result
@@ -97,7 +103,7 @@ def fused_reason(backend: str, p: Problem) -> Optional[str]:
     if least is not None and p.rows >= least:
         return None
     name = "tf32" if precision == "tf32" else str(p.dtype).replace("torch.", "")
-    return (f"'{backend}' was not measured faster than the dense path at M={p.rows} in {name} on the GPU "
+    return (f"'{backend}' was not measured faster than the paths below it at M={p.rows} in {name} on the GPU "
             f"(d2sm_ext/auto_rules.py, BENCHMARKS.md)")
 
 

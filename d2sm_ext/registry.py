@@ -63,7 +63,8 @@ class Backend:
     # does not run that path.
     queue: Optional[QueueKernels] = None
     # Why "auto" should not take the backend for a given problem (an auto_rules.Problem) although
-    # it could run it: the backend was measured slower than the reference there. None: no rule.
+    # it could run it: the backend was not measured faster than the backends below it there
+    # (d2sm_ext/auto_rules.py). None: no rule.
     auto_rule: Optional[Callable[..., Reason]] = None
 
 
@@ -146,7 +147,7 @@ def resolve_backend(name: str, device_type: str, dtype: torch.dtype, eps: float 
                     need_queue: bool = False) -> Backend:
     """The backend to run for inputs on ``device_type`` with ``dtype`` and kernel floor ``eps``;
     a clear error otherwise. ``problem`` (an ``auto_rules.Problem``) lets "auto" apply the
-    backends' measured rules (a backend measured slower than the reference for that shape and
+    backends' measured rules (a backend not measured faster than those below it for that shape and
     precision is passed over). ``need_queue``: the backend must have ``QueueKernels``."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}; {_describe_choices()}")

@@ -39,12 +39,13 @@ def free_memory(monkeypatch):
     ("triton", torch.float32, True, 16384, True),     # H100: 1.62x (M=16384 d=1280)
     ("triton", torch.float32, True, 4096, False),     # H200: 14.06 ms against 6.66 for the reference
     ("triton", torch.float32, False, 16384, False),   # IEEE fp32: slower wherever measured
+    ("cuda", torch.float64, False, 8192, False),      # float64: not measured
 ])
 def test_rule_follows_the_measurements(backend, dtype, tf32, rows, fused, free_memory):
     reason = auto_rules.fused_reason(backend, problem(dtype, tf32, rows))
     assert (reason is None) == fused, reason
     if not fused:
-        assert "not measured faster than the dense path" in reason and f"'{backend}'" in reason
+        assert "not measured faster than the paths below it" in reason and f"'{backend}'" in reason
 
 
 def test_fused_backend_where_the_dense_path_would_not_fit(free_memory):
@@ -56,6 +57,10 @@ def test_fused_backend_where_the_dense_path_would_not_fit(free_memory):
     free_memory(8)
     assert auto_rules.fused_reason("triton", problem(rows=16384)) is None           # does not fit in 8 GiB
     assert auto_rules.fused_reason("triton", problem(rows=4096, batch=64)) is None  # 64 problems of 4096 rows: 36 GiB
+    # float64 needs twice the bytes: 4.5 GiB at M = 8192 fits in 8 GiB, 9 GiB at M = 11585 does not
+    assert auto_rules.dense_peak_bytes(problem(torch.float64, rows=8192)) == 2 * auto_rules.dense_peak_bytes(problem(rows=8192))
+    assert auto_rules.fused_reason("cuda", problem(torch.float64, rows=8192)) is not None
+    assert auto_rules.fused_reason("cuda", problem(torch.float64, rows=11585)) is None
 
 
 def test_auto_applies_the_rule(free_memory, monkeypatch):

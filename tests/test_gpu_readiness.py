@@ -379,6 +379,7 @@ def test_half_path_does_not_copy_the_memory_rows(op, monkeypatch):
 # --- issue 26: the card's two cuda failures, reproduced on CPU ------------------------------------
 
 @needs_extension
+@pytest.mark.slow  # a float64 reference at M = 4096 (~1.5 GB of autograd saves)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_gradients_at_the_cards_size_through_the_half_path(dtype, monkeypatch):
     """tests/test_mixed_precision.py's half-gradient check at m = 4096, the size it takes on a GPU,

@@ -161,6 +161,23 @@ def test_double_backward_raises_on_fused_backends(row):
             torch.autograd.grad(loss, x, create_graph=True)
 
 
+def test_double_backward_on_dense_raises_for_the_full_pass():
+    """backend='dense' ("auto"'s fallback on a GPU and without the C++ extension) differentiates its
+    full pass once (a hand-written normalisation backward): create_graph=True raises naming the
+    reference; over a statistics queue it differentiates through the sums, twice, as the reference."""
+    q = filled(dtype=torch.float64)
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, 5, dtype=torch.float64)
+    xm, ym = q.memory()
+    loss = d2sm_divergence(x, y, backend="dense", x_memory=xm, y_memory=ym)
+    with pytest.raises(RuntimeError, match="differentiable once.*backend='reference'"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    (g,) = torch.autograd.grad(d2sm_divergence(x, y, backend="dense", queue=q), x, create_graph=True)
+    (want,) = torch.autograd.grad(d2sm_divergence(x, y, backend="reference", queue=q), x, create_graph=True)
+    torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)
+    assert g.requires_grad
+
+
 def test_double_backward_on_the_reference_with_a_queue():
     """backend='reference' differentiates twice, with a queue too (autograd through the kept-
     statistics formula): a gradient penalty equals the full pass's."""

@@ -1,7 +1,7 @@
 """Registers the built-in backends with the registry (d2sm_ext.registry), highest priority first
 for "auto": cuda (12) and triton (10) on CUDA where d2sm_ext/auto_rules.py's measured rule says
-they are faster (cuda first: measured faster than triton in every precision on an H200, and on the
-queue step), cpu (5), dense (1, any device and dtype, eps >= 1.18e-38: the fast pure-PyTorch
+they are faster (cuda first: faster than triton in TF32 and bf16 on an H200, where triton's IEEE
+fp32 did not compile, and on the queue step), cpu (5), dense (1, any device and dtype, eps >= 1.18e-38: the fast pure-PyTorch
 fallback), reference (0, any device and dtype, any eps: the ground truth). A backend that cannot
 be loaded here is recorded with the reason (``d2sm_ext.unavailable_backends()``) instead of
 failing the import.
