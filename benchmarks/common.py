@@ -105,6 +105,16 @@ def runner(backend: str) -> Callable:
     return lambda x, y, xm, ym: d2sm_ext.d2sm_divergence(x, y, backend=backend, x_memory=xm, y_memory=ym)
 
 
+def usable_backend(name: str, device: str, dtype: torch.dtype, need_queue: bool = False) -> bool:
+    """Whether backend ``name`` runs ``dtype`` tensors on ``device`` here (with queue kernels when
+    ``need_queue``); Triton's CPU interpreter is for tests only, never benchmarked."""
+    try:
+        d2sm_ext.registry.resolve_backend(name, device, dtype, need_queue=need_queue)
+    except ValueError:
+        return False
+    return not (name == "triton" and device == "cpu")
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

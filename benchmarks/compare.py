@@ -24,7 +24,7 @@ import torch
 
 import d2sm_ext
 from benchmarks.common import (Config, float32_precision, gemm_tflops, make_inputs, peak_memory_bytes,
-                               runner, step_fn, summarize, time_ms)
+                               runner, step_fn, summarize, time_ms, usable_backend)
 
 # Ordered by importance: a GPU session is short, and a stage time limit cuts the tail.
 GPU_CONFIGS = [
@@ -59,14 +59,6 @@ TINY_CONFIGS = [Config("tiny", 64, 32, q=16)]
 BASELINES = ("reference", "reference+compile", "plain", "plain+compile")
 SWEEP_M = {"cuda": [1024, 4096, 16384, 65536, 131072], "cpu": [256, 1024, 4096, 8192]}
 SWEEP_D = 1280
-
-
-def _usable(name: str, device: str, dtype: torch.dtype) -> bool:
-    try:
-        d2sm_ext.registry.resolve_backend(name, device, dtype)
-    except ValueError:
-        return False
-    return not (name == "triton" and device == "cpu")  # the CPU interpreter is for tests only
 
 
 def _auto_choice(cfg: Config, inputs) -> str:
@@ -243,9 +235,9 @@ def main(argv=None) -> int:
     for cfg in configs:
         by_label[cfg.label()] = cfg
         # "auto" last: the backend a user gets by default, with what it resolved to (auto_rules.py)
-        for backend in baselines + [
-                n for n in d2sm_ext.available_backends() if n != "reference" and _usable(n, device, cfg.dtype)] + [
-                "auto"]:
+        backends = [n for n in d2sm_ext.available_backends()
+                    if n != "reference" and usable_backend(n, device, cfg.dtype)]
+        for backend in baselines + backends + ["auto"]:
             if backend.endswith("+compile") and (args.no_compile or not cfg.compiled_baseline):
                 continue
             row = measure(cfg, backend, device, reps, budget)
@@ -259,7 +251,7 @@ def main(argv=None) -> int:
     result = dict(device=device_name(device), torch=torch.__version__, gemm_tflops=gemm, rows=rows)
     if not args.no_sweep:
         sweep_backends = ["reference"] + [n for n in d2sm_ext.available_backends()
-                                          if n != "reference" and _usable(n, device, torch.float32)]
+                                          if n != "reference" and usable_backend(n, device, torch.float32)]
         tf32 = device == "cuda"
         points = sweep(device, sweep_backends, max(3, reps // 4), budget, torch.float32, tf32)
         result["sweep"] = points

@@ -22,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import d2sm_ext
+from benchmarks.common import usable_backend
 from benchmarks.queue_steps import make_queue
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,8 +100,7 @@ def main(argv=None) -> int:
         backends = args.backends.split(",")
     else:
         backends = [name for name in d2sm_ext.available_backends()
-                    if name != "reference" and not (name == "triton" and args.device == "cpu")
-                    and _runs(name, args.device, dtype)]
+                    if name != "reference" and usable_backend(name, args.device, dtype)]
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"profile_{args.device}.md")
     sections = [f"# Per-kernel profile ({args.device}: "
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
               lambda b: queue_step(b, args.n, args.queue_size, args.queue_dim, args.device, dtype))]
     for kind, shape, make in steps:
         for backend in backends:
-            if kind == "queue" and not _has_queue(backend):
+            if kind == "queue" and not usable_backend(backend, args.device, dtype, need_queue=True):
                 continue
             title = f"## {kind} step, {shape}, backend {backend}"
             try:
@@ -126,22 +126,6 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     print("\n\n".join(sections))
     return 0
-
-
-def _runs(name: str, device: str, dtype: torch.dtype) -> bool:
-    try:
-        d2sm_ext.registry.resolve_backend(name, device, dtype)
-    except ValueError:
-        return False
-    return True
-
-
-def _has_queue(name: str) -> bool:
-    try:
-        d2sm_ext.registry.resolve_backend(name, "cpu", torch.float32, need_queue=True)
-    except ValueError as exc:
-        return "queue" not in str(exc)
-    return True
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ memory where the dense paths hold M×M matrices. In TF32 the plain formula was l
 TF32 threshold is the measured choice until a card run measures dense (issue 27). triton where
 cuda cannot run, from its own measured thresholds; float64 was not measured for a fused backend;
 below the measured shapes, the dense PyTorch path ("dense", backends/dense_backend.py: the
-fallback, written to be no slower than the plain formula). Beyond the device's free memory for the dense path's M×M
-matrices only a fused backend runs (M = 65536: the reference cannot allocate, Triton runs in
-1.3 GiB). A new GPU run (benchmarks/gpu_check.sh) that moves a threshold updates the constants here
+fallback, written to be no slower than the plain formula). Beyond the device's free memory for the
+dense path's M×M matrices only a fused backend runs (M = 65536: the reference cannot allocate,
+Triton runs in 1.3 GiB). A new GPU run (benchmarks/gpu_check.sh) that moves a threshold updates the constants here
 and BENCHMARKS.md together.
 """
 from __future__ import annotations
@@ -42,8 +42,8 @@ FUSED_MIN_ROWS = {
     "cuda": {"half": 4096, "tf32": 4096, "ieee": 4096, "fp64": None},     # H200, 2026-12-04
     "triton": {"half": 4096, "tf32": 16384, "ieee": None, "fp64": None},  # H100 run 2 (H200: slower than cuda)
 }
-# The dense fallback's fwd+bwd peak, in M×M matrices of the compute dtype per problem (measured on CPU with
-# benchmarks.common.peak_memory_bytes: 7.1 at M = 1024, d = 64; 9.0 at M = d = 2048, where the
+# The dense fallback's fwd+bwd peak, in M×M matrices of the compute dtype per problem (measured on
+# CPU with benchmarks.common.peak_memory_bytes: 7.1 at M = 1024, d = 64; 9.0 at M = d = 2048, where the
 # O(M·d) rows weigh as much; the reference's 10.9 and 12.8).
 DENSE_MATRICES = 9
 # Share of the free device memory the dense path may be expected to use.

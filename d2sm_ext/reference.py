@@ -219,8 +219,11 @@ def dense_divergence(x, y, divergence, exclude_self, reduction, eps, x_memory=No
         ky = ky * off_diag
     p = kx / kx.sum(dim=-1, keepdim=True)
     q = ky / ky.sum(dim=-1, keepdim=True)
-    rows = clamp_rounding(_row_divergence(p, q, divergence))
+    return reduce_rows(clamp_rounding(_row_divergence(p, q, divergence)), reduction)
 
+
+def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The per-row divergences reduced as ``reduction`` says (docs/DESIGN.md §2.4)."""
     if reduction == "mean":
         return rows.mean()
     if reduction == "sum":

@@ -7,8 +7,8 @@ The same numbers as the reference (docs/DESIGN.md §2, tested against it by the 
 with fewer passes over the M×M matrices: the divergences are formed from row sums of the kernel
 matrices (§3.1–3.2), not from the p and q matrices:
 
-    kl_i = C_i / A_i + log(B_i / A_i),   C_i = Σ_j K'_ij log(K'_ij / K_ij)
-    reverse_kl_i = −D_i / B_i − log(B_i / A_i),   D_i = Σ_j K_ij log(K'_ij / K_ij)
+    kl_i = Σ_j K'_ij L_ij / A_i,   reverse_kl_i = −Σ_j K_ij L_ij / B_i,
+    L_ij = log(p_ij / q_ij) = log(K'_ij / K_ij) + log(B_i / A_i)   (per pair, as the fused backends)
 
 (js needs p and q: m = (p + q)/2 is not a row sum). The excluded diagonal is zeroed in place
 (O(M), instead of masking two M×M matrices), and the products Σ_j K'_ij L_ij are
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import clamp_rounding, inverse_norms, run_in_compute_dtype
+from ..reference import clamp_rounding, inverse_norms, reduce_rows, run_in_compute_dtype
 
 
 class _NormalizeRows(torch.autograd.Function):
@@ -100,12 +100,7 @@ def _dense(x, y, divergence, exclude_self, reduction, eps, x_memory=None, y_memo
         if divergence in ("reverse_kl", "symmetric_kl"):
             rkl = -torch.linalg.vecdot(kb, log_pq) / b
         rows = kl if rkl is None else rkl if kl is None else 0.5 * (kl + rkl)
-    rows = clamp_rounding(rows)
-    if reduction == "mean":
-        return rows.mean()
-    if reduction == "sum":
-        return rows.sum()
-    return rows
+    return reduce_rows(clamp_rounding(rows), reduction)
 
 
 def d2sm_dense(x, y, divergence="kl", exclude_self=True, reduction="mean", eps=1e-8, x_memory=None,
